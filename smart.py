@@ -1,0 +1,712 @@
+#!/usr/bin/env python3
+"""smart.py - a self-tuning agent for a small web server.
+
+On a timer it runs experiments on the box it lives on: it measures a baseline,
+applies each variant of an experiment, measures again, decides keep or revert
+from the numbers (a rank test, not a bare comparison of medians), reverts
+whatever is not kept, and publishes what happened to a dashboard.  On any
+doubt or fault it reverts and says why.
+
+One file, Python 3.11+ standard library only.  The contract (command line,
+settings, file formats, decision rules, state.json) is SPEC.md; the names in
+__all__ are the stable API that tests and scripts may import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import bisect
+import json
+import math
+import operator
+import os
+import re
+import shlex
+import sys
+from datetime import datetime, timezone
+from itertools import compress, count, islice, repeat
+from statistics import NormalDist
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SmartError", "BadInput", "WorkFailed", "NotBuilt",
+    "SETTINGS", "load_settings", "parse_conf",
+    "Arm", "read_measurements",
+    "percentile", "summarize", "rank_test", "exact_u_cdf", "median_ratio_interval",
+    "Thresholds", "Verdict", "verdict", "decide_files", "format_verdict",
+    "main",
+]
+
+
+###### Errors ######
+
+class SmartError(Exception):
+    """A failure a user can act on; carries the process exit code."""
+    exit_code = 1
+
+
+class BadInput(SmartError):
+    """Bad input or usage: an unreadable or malformed file, a bad setting, an unknown name."""
+    exit_code = 2
+
+
+class WorkFailed(SmartError):
+    """The work itself failed: a revert failed, a run was interrupted."""
+    exit_code = 1
+
+
+class NotBuilt(BadInput):
+    """A command of the contract that this version does not implement yet."""
+
+
+def warn(message: str) -> None:
+    """Print a one-line warning on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+###### Settings ######
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """A validator for a number in a range; returns (parse, description)."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value):
+            raise ValueError
+        if low is not None and (value < low or (low_open and value == low)):
+            raise ValueError
+        if high is not None and (value > high or (high_open and value == high)):
+            raise ValueError
+        return value
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+    noun = "a whole number" if kind is int else "a number"
+    return parse, noun + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _choice(*options):
+    def parse(text):
+        if text not in options:
+            raise ValueError
+        return text
+    return parse, "one of " + ", ".join(options)
+
+
+def _url_or_empty():
+    def parse(text):
+        if text and not re.match(r"^https?://[^\s/]+", text):
+            raise ValueError
+        return text
+    return parse, "empty or an http:// or https:// URL"
+
+
+def _text():
+    return str, "text"
+
+
+# key: (default, (parse, description), meaning)
+SETTINGS = {
+    "BASELINE_SECONDS": (300.0, _number(float, 0, low_open=True), "baseline measurement length"),
+    "EXPERIMENT_SECONDS": (300.0, _number(float, 0, low_open=True), "each variant's measurement length"),
+    "COOLDOWN_SECONDS": (60.0, _number(float, 0), "wait after apply before measuring"),
+    "IMPROVE_PCT": (10.0, _number(float, 0, 100, high_open=True), "p50 improvement (%) needed to keep"),
+    "MAX_ERR_DELTA_PCT": (1.0, _number(float, 0, 100), "most error-rate increase (points) a kept variant may add"),
+    "CONFIDENCE": (0.99, _number(float, 0.5, 1, high_open=True), "confidence that the improvement is real"),
+    "MIN_SAMPLES": (30, _number(int, 2), "fewest successful samples per arm"),
+    "MAX_TAIL_REGRESS_PCT": (25.0, _number(float, 0), "most p99 regression (%) a kept variant may have"),
+    "COMMAND_TIMEOUT_SECONDS": (60.0, _number(float, 0, low_open=True), "time box of each command"),
+    "KEEP_RUNS": (200, _number(int, 1), "run folders kept under var/runs"),
+    "PHONE_HOME": ("borderline", _choice("never", "borderline", "always"), "when to ask the coach"),
+    "PHONE_HOME_URL": ("", _url_or_empty(), "coach endpoint"),
+    "PHONE_HOME_TOKEN": ("", _text(), "coach bearer token"),
+}
+
+_CONF_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
+
+
+def parse_conf(text: str, source: str) -> dict:
+    """Parse smart.conf text (KEY=VALUE, # comments, shell quotes) into raw strings."""
+    raw = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _CONF_LINE.match(stripped)
+        if not match:
+            raise BadInput(f"{source}:{number}: expected KEY=VALUE, got {stripped[:60]!r}")
+        key, value = match.groups()
+        try:
+            words = shlex.split(value, comments=True)
+        except ValueError as exc:
+            raise BadInput(f"{source}:{number}: {key}: {exc} (check the quotes)") from None
+        if len(words) > 1:
+            raise BadInput(f"{source}:{number}: {key}: one value expected; quote a value with spaces")
+        raw[key] = (words[0] if words else "", f"{source}:{number}")
+    return raw
+
+
+def _validate(key: str, text: str, where: str):
+    parse, description = SETTINGS[key][1]
+    try:
+        return parse(text.strip())
+    except ValueError:
+        raise BadInput(f"{where}: {key}={text!r} is not valid: expected {description}") from None
+
+
+def load_settings(conf_path: str | None, environ=None, overrides=None, conf_required=False) -> dict:
+    """Settings from smart.conf, then the environment, then overrides (flags); validated."""
+    environ = os.environ if environ is None else environ
+    values = {key: spec[0] for key, spec in SETTINGS.items()}
+    if conf_path:
+        try:
+            with open(conf_path, encoding="utf-8") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            if conf_required:
+                raise BadInput(f"{conf_path}: config file not found") from None
+            text = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{conf_path}: cannot read config: {exc}") from None
+        for key, (text_value, where) in parse_conf(text, conf_path).items():
+            if key not in SETTINGS:
+                warn(f"{where}: unknown setting {key} ignored")
+                continue
+            values[key] = _validate(key, text_value, where)
+    for key in SETTINGS:
+        if key in environ:
+            values[key] = _validate(key, environ[key], "environment")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _validate(key, str(value), "command line")
+    return values
+
+
+###### Measurement CSV ######
+
+class Arm:
+    """One arm's measurements: successful latencies (array of float ms), counts, block labels."""
+
+    __slots__ = ("path", "latencies", "blocks", "total", "errors", "block_totals", "block_errors")
+
+    def __init__(self, path="-"):
+        self.path = path
+        self.latencies = array.array("d")
+        self.blocks = None            # array('l') parallel to latencies, when rows carry a block
+        self.total = 0
+        self.errors = 0
+        self.block_totals = {}
+        self.block_errors = {}
+
+    def add(self, latency_ms: float, code: int, block=None) -> None:
+        """Count one request (used by the prober and by tests)."""
+        self.total += 1
+        failed = code == 0 or code >= 500
+        if block is not None:
+            if self.blocks is None:
+                self.blocks = array.array("l", [0] * len(self.latencies))
+            self.block_totals[block] = self.block_totals.get(block, 0) + 1
+            if failed:
+                self.block_errors[block] = self.block_errors.get(block, 0) + 1
+        if failed:
+            self.errors += 1
+            return
+        self.latencies.append(latency_ms)
+        if self.blocks is not None:
+            self.blocks.append(block if block is not None else 0)
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies)
+
+
+def _check_timestamp(text: str) -> None:
+    if "T" in text:
+        datetime.fromisoformat(text)
+    else:
+        value = float(text)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError
+
+
+def _parse_row(line: str):
+    """One CSV line -> (latency_ms, code, block or None); ValueError says what is wrong."""
+    fields = line.split(",")
+    if len(fields) == 3:
+        block = None
+    elif len(fields) == 4:
+        try:
+            block = int(fields[3])
+        except ValueError:
+            raise ValueError(f"block {fields[3].strip()[:30]!r} is not a whole number") from None
+    else:
+        raise ValueError(f"expected 3 or 4 fields, found {len(fields)}")
+    try:
+        _check_timestamp(fields[0].strip())
+    except ValueError:
+        raise ValueError(f"timestamp {fields[0].strip()[:30]!r} is neither ISO-8601 nor epoch seconds") from None
+    try:
+        latency = float(fields[1])
+    except ValueError:
+        raise ValueError(f"latency_ms {fields[1].strip()[:30]!r} is not a number") from None
+    if not (latency >= 0 and math.isfinite(latency)):
+        raise ValueError(f"latency_ms {fields[1].strip()!r} is not a non-negative number")
+    try:
+        code = int(fields[2])
+    except ValueError:
+        raise ValueError(f"response_code {fields[2].strip()[:30]!r} is not a whole number") from None
+    if not 0 <= code <= 999:
+        raise ValueError(f"response_code {code} is not an HTTP status or 0")
+    return latency, code, block
+
+
+_HEADER = re.compile(r"^\s*timestamp\s*,\s*latency_ms\s*,\s*response_code\s*(,\s*block\s*)?$")
+
+
+def read_measurements(path: str) -> Arm:
+    """Stream a measurement CSV into an Arm; BadInput names file:line on a malformed row."""
+    arm = Arm(path)
+    try:
+        handle = open(path, encoding="utf-8", newline="")
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read: {exc.strerror or exc}") from None
+    append = arm.latencies.append
+    total = errors = number = 0
+    labelled = None
+    with handle:
+        try:
+            for number, line in enumerate(handle, 1):
+                try:
+                    latency, code, block = _parse_row(line)
+                except ValueError as exc:
+                    if not line.strip() or (number == 1 and _HEADER.match(line)):
+                        continue
+                    if not line.endswith("\n"):
+                        warn(f"{path}:{number}: truncated final line skipped")
+                        break
+                    raise BadInput(f"{path}:{number}: malformed row {line.strip()[:60]!r}: {exc}") from None
+                if block is None:
+                    if labelled:
+                        raise BadInput(f"{path}:{number}: no block column, but earlier rows have one")
+                    labelled = False
+                    total += 1
+                    if 0 < code < 500:
+                        append(latency)
+                    else:
+                        errors += 1
+                else:
+                    if labelled is False:
+                        raise BadInput(f"{path}:{number}: a block column, but earlier rows have none")
+                    labelled = True
+                    arm.add(latency, code, block)
+        except UnicodeDecodeError:
+            raise BadInput(f"{path}:{number + 1}: not UTF-8 text; is this a measurement CSV?") from None
+        except OSError as exc:
+            raise BadInput(f"{path}: cannot read: {exc.strerror or exc}") from None
+    arm.total += total
+    arm.errors += errors
+    return arm
+
+
+###### Statistics (pure functions, no I/O) ######
+
+_NORMAL = NormalDist()
+
+
+def percentile(sorted_values, pct: float):
+    """Nearest-rank percentile: the smallest observed value with at least pct% of the data at or below it."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    rank = math.ceil(pct * n / 100 - 1e-9)
+    return sorted_values[min(n, max(1, rank)) - 1]
+
+
+def summarize(arm: Arm, sorted_latencies) -> dict:
+    """The per-arm figures of SPEC.md: n, errors, p50/p90/p99 (ms, successful rows), err_pct."""
+    def rounded(value):
+        return None if value is None else round(value, 3)
+    return {
+        "n": arm.total,
+        "errors": arm.errors,
+        "p50_ms": rounded(percentile(sorted_latencies, 50)),
+        "p90_ms": rounded(percentile(sorted_latencies, 90)),
+        "p99_ms": rounded(percentile(sorted_latencies, 99)),
+        "err_pct": round(100.0 * arm.errors / arm.total, 4) if arm.total else 0.0,
+    }
+
+
+def _u_statistic(base, var):
+    """Mann-Whitney U of the variant being faster: pairs (b, v) with v < b, ties counting half.
+
+    Both lists sorted.  Also returns the tie term sum(t^3 - t) over tied groups of both arms pooled.
+    """
+    n1, n2 = len(base), len(var)
+    at_or_below = sum(map(bisect.bisect_right, repeat(base), var))
+    below = sum(map(bisect.bisect_left, repeat(base), var))
+    u_faster = n1 * n2 - 0.5 * (at_or_below + below)
+    pooled = base + var
+    pooled.sort()
+    ties = 0
+    previous = 0
+    for start in compress(count(1), map(operator.ne, pooled, islice(pooled, 1, None))):
+        size = start - previous
+        if size > 1:
+            ties += size * size * size - size
+        previous = start
+    size = len(pooled) - previous
+    if size > 1:
+        ties += size * size * size - size
+    return u_faster, ties
+
+
+def exact_u_cdf(u: float, n1: int, n2: int) -> float:
+    """P(U <= u) for the Mann-Whitney U of untied samples of sizes n1, n2 (exact)."""
+    frequencies = _u_frequencies(min(n1, n2), max(n1, n2))
+    limit = math.floor(u + 1e-9)
+    if limit < 0:
+        return 0.0
+    return sum(frequencies[: limit + 1]) / math.comb(n1 + n2, n1)
+
+
+def _u_frequencies(m: int, n: int) -> list:
+    """Counts of each U value: coefficients of the Gaussian binomial [m+n choose m]_q."""
+    top = m * n
+    coefficients = [1] + [0] * top
+    for i in range(1, m + 1):
+        for k in range(top, n + i - 1, -1):
+            coefficients[k] -= coefficients[k - n - i]
+        for k in range(i, top + 1):
+            coefficients[k] += coefficients[k - i]
+    return coefficients
+
+
+EXACT_LIMIT = 2500   # n1 * n2 at or below which an untied single-stratum test is exact
+
+
+def rank_test(strata) -> dict:
+    """One-sided rank test that the variant is faster: Mann-Whitney U, or van Elteren across blocks.
+
+    `strata` is a list of (baseline_sorted, variant_sorted) lists, one per block (one for an
+    unblocked comparison).  Ties are corrected for; a single untied stratum with
+    n1 * n2 <= EXACT_LIMIT uses the exact distribution, anything else the normal approximation
+    (with continuity correction for a single stratum).  Returns p_value, z, u and the method.
+    """
+    strata = [(b, v) for b, v in strata if b and v]
+    if not strata:
+        return {"p_value": 1.0, "z": 0.0, "u": 0.0, "method": "none (an arm is empty)"}
+    if len(strata) == 1:
+        base, var = strata[0]
+        n1, n2 = len(base), len(var)
+        u, ties = _u_statistic(base, var)
+        if not ties and n1 * n2 <= EXACT_LIMIT:
+            p_value = exact_u_cdf(n1 * n2 - u, n1, n2)
+            return {"p_value": p_value, "z": None, "u": u, "method": "Mann-Whitney U, exact"}
+        mean = n1 * n2 / 2
+        big_n = n1 + n2
+        variance = n1 * n2 / 12 * ((big_n + 1) - ties / (big_n * (big_n - 1)))
+        if variance <= 0:
+            return {"p_value": 1.0, "z": 0.0, "u": u, "method": "Mann-Whitney U (all values tied)"}
+        z = (u - mean - 0.5) / math.sqrt(variance)
+        return {"p_value": 0.5 * math.erfc(z / math.sqrt(2)), "z": z, "u": u,
+                "method": "Mann-Whitney U, normal approximation with tie and continuity correction"}
+    statistic = variance = u_total = 0.0
+    for base, var in strata:
+        n1, n2 = len(base), len(var)
+        big_n = n1 + n2
+        u, ties = _u_statistic(base, var)
+        weight = 1.0 / (big_n + 1)
+        statistic += weight * (u - n1 * n2 / 2)
+        if big_n > 1:
+            variance += weight * weight * n1 * n2 / 12 * ((big_n + 1) - ties / (big_n * (big_n - 1)))
+        u_total += u
+    if variance <= 0:
+        return {"p_value": 1.0, "z": 0.0, "u": u_total, "method": "van Elteren (all values tied)"}
+    z = statistic / math.sqrt(variance)
+    return {"p_value": 0.5 * math.erfc(z / math.sqrt(2)), "z": z, "u": u_total,
+            "method": f"van Elteren stratified rank test over {len(strata)} blocks"}
+
+
+def _log_median_se(sorted_values):
+    """Standard error of log(median) from the distribution-free order-statistic interval (Bonett-Price)."""
+    n = len(sorted_values)
+    c = max(1, round((n + 1) / 2 - math.sqrt(n)))
+    if n <= 1000:
+        tail = sum(math.comb(n, k) for k in range(c)) / 2 ** n
+    else:
+        tail = _NORMAL.cdf((c - 0.5 - n / 2) / (math.sqrt(n) / 2))
+    low, high = sorted_values[c - 1], sorted_values[n - c]
+    if low <= 0 or tail <= 0 or tail >= 0.5:
+        return None
+    return (math.log(high) - math.log(low)) / (2 * _NORMAL.inv_cdf(1 - tail))
+
+
+def median_ratio_interval(base_sorted, var_sorted, confidence: float):
+    """Two-sided interval at `confidence` for median(variant) / median(baseline), or None."""
+    if len(base_sorted) < 2 or len(var_sorted) < 2:
+        return None
+    base_median, var_median = percentile(base_sorted, 50), percentile(var_sorted, 50)
+    se_base, se_var = _log_median_se(base_sorted), _log_median_se(var_sorted)
+    if not base_median or not var_median or se_base is None or se_var is None:
+        return None
+    center = math.log(var_median) - math.log(base_median)
+    half = _NORMAL.inv_cdf(0.5 + confidence / 2) * math.hypot(se_base, se_var)
+    return math.exp(center - half), math.exp(center + half)
+
+
+###### The decision ######
+
+class Thresholds:
+    """The five rules' settings (SPEC.md "The decision")."""
+
+    KEYS = ("IMPROVE_PCT", "MAX_ERR_DELTA_PCT", "CONFIDENCE", "MIN_SAMPLES", "MAX_TAIL_REGRESS_PCT")
+
+    def __init__(self, settings: dict):
+        self.improve_pct = settings["IMPROVE_PCT"]
+        self.max_err_delta_pct = settings["MAX_ERR_DELTA_PCT"]
+        self.confidence = settings["CONFIDENCE"]
+        self.min_samples = settings["MIN_SAMPLES"]
+        self.max_tail_regress_pct = settings["MAX_TAIL_REGRESS_PCT"]
+
+
+BORDERLINE_POINTS = 3.0
+
+
+class Verdict:
+    """keep or revert, the rule that decided, and every figure behind it."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _pct_change(old, new):
+    if old is None or new is None:
+        return None
+    if old == 0:
+        return 0.0 if new == 0 else math.inf
+    return (new - old) / old * 100
+
+
+def _round(value, digits=3):
+    if value is None or not math.isfinite(value):
+        return value if value is None else None
+    return round(value, digits)
+
+
+def verdict(base: Arm, var: Arm, thresholds: Thresholds) -> Verdict:
+    """Apply SPEC.md's five rules to two arms; pure (no I/O), the same input gives the same verdict."""
+    t = thresholds
+    base_sorted, var_sorted = sorted(base.latencies), sorted(var.latencies)
+    base_fig, var_fig = summarize(base, base_sorted), summarize(var, var_sorted)
+    strata = _strata(base, var, base_sorted, var_sorted)
+    test = rank_test(strata)
+    interval = median_ratio_interval(base_sorted, var_sorted, t.confidence)
+    improve = _pct_change(base_fig["p50_ms"], var_fig["p50_ms"])
+    improve = None if improve is None else 0.0 - improve
+    err_delta = var_fig["err_pct"] - base_fig["err_pct"]
+    tail = _pct_change(base_fig["p99_ms"], var_fig["p99_ms"])
+
+    failed = []
+    if base.ok < t.min_samples or var.ok < t.min_samples:
+        failed.append(("samples", f"insufficient data: {base.ok} baseline and {var.ok} variant successful "
+                                  f"samples, {t.min_samples} needed in each"))
+    else:
+        if err_delta > t.max_err_delta_pct:
+            failed.append(("errors", f"error rate rose {err_delta:.2f} points "
+                                     f"(at most {t.max_err_delta_pct:g} allowed)"))
+        if tail is not None and tail > t.max_tail_regress_pct:
+            failed.append(("tail", f"p99 regressed {_fmt_pct(tail)} (at most {t.max_tail_regress_pct:g}% allowed)"))
+        if improve is None or improve < t.improve_pct:
+            failed.append(("improvement", f"p50 improved only {_fmt_pct(improve)} "
+                                          f"(needs {t.improve_pct:g}%)"))
+        if test["p_value"] > 1 - t.confidence:
+            failed.append(("significance", f"not significant at {t.confidence:g} confidence "
+                                           f"(p={test['p_value']:.3g}, needs <= {1 - t.confidence:.3g})"))
+    decision = "revert" if failed else "keep"
+    if failed:
+        reason = "revert: " + "; ".join(text for _, text in failed)
+    else:
+        reason = (f"keep: p50 improved {_fmt_pct(improve)} (needs {t.improve_pct:g}%), significant "
+                  f"(p={test['p_value']:.3g}); errors {err_delta:+.2f} points, p99 {_fmt_signed(tail)}")
+    enough = base.ok >= t.min_samples and var.ok >= t.min_samples
+    near_bar = improve is not None and abs(improve - t.improve_pct) <= BORDERLINE_POINTS
+    borderline = enough and (near_bar or [name for name, _ in failed] == ["significance"])
+    improve_ci = None
+    if interval is not None:
+        improve_ci = [_round((1 - interval[1]) * 100), _round((1 - interval[0]) * 100)]
+    return Verdict(
+        decision=decision, reason=reason, borderline=borderline,
+        failed_rules=[name for name, _ in failed],
+        baseline=base_fig, variant=var_fig,
+        improve_pct=_round(improve), improve_ci=improve_ci,
+        err_delta_pct=_round(err_delta, 4), p99_regress_pct=_round(tail),
+        p_value=float(f"{test['p_value']:.6g}"), confidence=t.confidence, test=test["method"],
+        thresholds={key.lower(): getattr(t, key.lower()) for key in Thresholds.KEYS},
+    )
+
+
+def _strata(base: Arm, var: Arm, base_sorted, var_sorted):
+    """Blocks present in both arms, each (baseline_sorted, variant_sorted); one stratum when unblocked."""
+    if base.blocks is None or var.blocks is None:
+        return [(base_sorted, var_sorted)]
+    groups = {}
+    for arm, side in ((base, 0), (var, 1)):
+        for latency, block in zip(arm.latencies, arm.blocks):
+            groups.setdefault(block, ([], []))[side].append(latency)
+    return [(sorted(b), sorted(v)) for _, (b, v) in sorted(groups.items()) if b and v]
+
+
+def _fmt_pct(value):
+    if value is None:
+        return "n/a"
+    if not math.isfinite(value):
+        return "without bound (from zero)"
+    return f"{value:.1f}%"
+
+
+def _fmt_signed(value):
+    if value is None or not math.isfinite(value):
+        return _fmt_pct(value)
+    return f"{value:+.1f}%"
+
+
+def format_verdict(v: Verdict) -> str:
+    """The short human summary decide prints on stderr."""
+    def arm_line(label, fig):
+        def ms(key):
+            return "n/a" if fig[key] is None else f"{fig[key]:.2f}"
+        return (f"{label:<9}n={fig['n']} errors={fig['errors']} ({fig['err_pct']:.2f}%)  "
+                f"p50 {ms('p50_ms')}  p90 {ms('p90_ms')}  p99 {ms('p99_ms')} ms")
+    interval = ("" if v.improve_ci is None else
+                f" [{v.confidence:g} CI {v.improve_ci[0]:.1f}% .. {v.improve_ci[1]:.1f}%]")
+    lines = [
+        arm_line("baseline", v.baseline),
+        arm_line("variant", v.variant),
+        f"p50 improvement {_fmt_pct(v.improve_pct)}{interval}; p={v.p_value:.3g} ({v.test})",
+        f"errors {v.err_delta_pct:+.2f} points; p99 {_fmt_signed(v.p99_regress_pct)}",
+        v.reason + ("  [borderline]" if v.borderline else ""),
+    ]
+    return "\n".join(lines)
+
+
+def decide_files(baseline_path: str, variant_path: str, thresholds: Thresholds) -> Verdict:
+    """Read two measurement CSVs and return the verdict."""
+    return verdict(read_measurements(baseline_path), read_measurements(variant_path), thresholds)
+
+
+###### Command line ######
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as BadInput (one line, exit 2) instead of exiting."""
+
+    def error(self, message):
+        raise BadInput(f"{message} (see '{self.prog} --help')")
+
+
+def _not_built(issue_name):
+    def command(args, settings):
+        raise NotBuilt(f"'{args.command}' is not built yet ({issue_name})")
+    return command
+
+
+def cmd_decide(args, settings) -> int:
+    """decide BASELINE.csv VARIANT.csv: keep/revert on stdout, the figures on stderr."""
+    result = decide_files(args.baseline, args.variant, Thresholds(settings))
+    if args.json:
+        print(json.dumps(result.to_json(), sort_keys=True))
+    else:
+        print(format_verdict(result), file=sys.stderr)
+        print(result.decision)
+    return 0
+
+
+_DECIDE_FLAGS = {
+    "IMPROVE_PCT": "--improve-pct",
+    "MAX_ERR_DELTA_PCT": "--max-err-delta-pct",
+    "CONFIDENCE": "--confidence",
+    "MIN_SAMPLES": "--min-samples",
+    "MAX_TAIL_REGRESS_PCT": "--max-tail-regress-pct",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of SPEC.md."""
+    common = _Parser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, help="the home folder (default $SMART_HOME, else beside smart.py)")
+    common.add_argument("--config", default=argparse.SUPPRESS, help="settings file (default HOME/smart.conf)")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
+    parser = _Parser(prog="smart.py", parents=[common],
+                     description="A self-tuning agent for a small web server (SPEC.md).")
+    parser.add_argument("--version", action="version", version=f"smart.py {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    def command(name, handler, help_text):
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    decide = command("decide", cmd_decide, "decide keep or revert from two measurement CSVs")
+    decide.add_argument("baseline", metavar="BASELINE.csv")
+    decide.add_argument("variant", metavar="VARIANT.csv")
+    decide.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    for key, flag in _DECIDE_FLAGS.items():
+        decide.add_argument(flag, dest=key, metavar="N", help=f"{SETTINGS[key][2]} (default {SETTINGS[key][0]})")
+
+    run = command("run", _not_built("the run issue"), "run experiments")
+    run.add_argument("experiments", nargs="*", metavar="EXPERIMENT")
+    run.add_argument("--dry-run", action="store_true")
+    measure = command("measure", _not_built("the measure issue"), "probe a URL and write a measurement CSV")
+    measure.add_argument("--url")
+    measure.add_argument("--duration")
+    measure.add_argument("--out")
+    command("dashboard", _not_built("the dashboard issue"), "rebuild the published files from var/")
+    command("serve", _not_built("the dashboard issue"), "serve the dashboard over HTTP")
+    phone = command("phone-home", _not_built("the phone-home issue"), "send a run's result to the coach")
+    phone.add_argument("run_id", nargs="?")
+    command("demo", _not_built("the demo issue"), "a complete experiment against a built-in server")
+    command("recover", _not_built("the run issue"), "revert what an interrupted run left applied")
+    command("doctor", _not_built("the deploy issue"), "check the installation")
+    return parser
+
+
+def resolve_home(args, environ=None) -> str:
+    """--home, else $SMART_HOME, else the folder that holds smart.py."""
+    environ = os.environ if environ is None else environ
+    home = getattr(args, "home", None) or environ.get("SMART_HOME") or os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(home)
+
+
+def main(argv=None) -> int:
+    """Parse argv, run the command; the one place that turns errors into messages and exit codes."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        args.home = resolve_home(args)
+        config = getattr(args, "config", None)
+        overrides = {key: getattr(args, key, None) for key in SETTINGS}
+        settings = load_settings(config or os.path.join(args.home, "smart.conf"),
+                                 overrides=overrides, conf_required=bool(config))
+        return args.handler(args, settings)
+    except SmartError as exc:
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
