@@ -18,7 +18,11 @@ import argparse
 import array
 import bisect
 import collections
+import contextlib
 import errno
+import fcntl
+import html
+import http.server
 import json
 import math
 import operator
@@ -26,9 +30,14 @@ import os
 import re
 import selectors
 import shlex
+import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.parse
 from datetime import datetime, timezone
@@ -190,6 +199,139 @@ def load_settings(conf_path: str | None, environ=None, overrides=None, conf_requ
         if value is not None:
             values[key] = _validate(key, str(value), "command line")
     return values
+
+
+###### Experiment definition (meta.json) ######
+
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MEASURE_KEYS = {"concurrency", "rate", "timeout", "method", "headers", "insecure", "max_in_flight"}
+
+
+class Experiment:
+    """One folder under experiments/: its meta.json, checked, with the commands to run."""
+
+    def __init__(self, path: str, meta: dict):
+        self.path = path
+        self.id = meta.get("id") or os.path.basename(path)
+        self.description = meta.get("description", "")
+        self.variants = meta["variants"]
+        self.baseline = next((v for v in self.variants if v["name"] == "baseline"), self.variants[0])
+        self.candidates = [v for v in self.variants if v is not self.baseline]
+        self.revert = meta.get("revert") or "./revert.sh"
+        self.target_url = meta.get("target_url")
+        self.interval = meta.get("measure_interval_sec")
+        self.measure = meta.get("measure") or {}
+        self.measure_sh = os.path.isfile(os.path.join(path, "measure.sh"))
+        self.seconds = {key: meta.get(key) for key in ("baseline_seconds", "experiment_seconds", "cooldown_seconds")}
+
+    def apply_command(self, variant: dict):
+        """The shell command that applies a variant, or None for a baseline with nothing to apply."""
+        if variant.get("apply"):
+            return variant["apply"]
+        if os.path.isfile(os.path.join(self.path, "apply.sh")):
+            return f"./apply.sh {shlex.quote(variant['name'])}"
+        return None
+
+    def variant(self, name: str):
+        return next((v for v in self.variants if v["name"] == name), None)
+
+
+def load_experiment(path: str) -> Experiment:
+    """Read and check experiments/NNN/meta.json; BadInput names the file and the field at fault."""
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except FileNotFoundError:
+        raise BadInput(f"{meta_path}: not found; an experiment folder needs a meta.json") from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{meta_path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{meta_path}: cannot read: {exc}") from None
+
+    def bad(field, problem):
+        return BadInput(f"{meta_path}: {field}: {problem}")
+
+    if not isinstance(meta, dict):
+        raise bad("(top level)", "expected a JSON object")
+    for field in ("id", "description", "revert", "target_url", "design", "decide"):
+        if field in meta and not isinstance(meta[field], str):
+            raise bad(field, "expected a string")
+    variants = meta.get("variants")
+    if not isinstance(variants, list) or not variants:
+        raise bad("variants", "expected a non-empty list of {\"name\": ..., \"apply\": ...}")
+    seen = set()
+    for index, variant in enumerate(variants):
+        where = f"variants[{index}]"
+        if not isinstance(variant, dict):
+            raise bad(where, "expected an object with name and apply")
+        name = variant.get("name")
+        if not isinstance(name, str) or not VARIANT_NAME.match(name):
+            raise bad(f"{where}.name", f"{name!r} must match [A-Za-z0-9._-]{{1,64}}")
+        if name in seen:
+            raise bad(f"{where}.name", f"{name!r} is used twice")
+        seen.add(name)
+        if "apply" in variant and not isinstance(variant["apply"], str):
+            raise bad(f"{where}.apply", "expected a shell command string")
+    if len(variants) < 2:
+        raise bad("variants", "needs at least one variant besides the baseline")
+    target = meta.get("target_url")
+    if target is None and not os.path.isfile(os.path.join(path, "measure.sh")):
+        raise bad("target_url", "required (or a measure.sh in the folder)")
+    if target is not None:
+        try:
+            Target(target)
+        except BadInput as exc:
+            raise bad("target_url", str(exc)) from None
+    for field in ("measure_interval_sec", "baseline_seconds", "experiment_seconds", "cooldown_seconds"):
+        value = meta.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0
+                                  or (value == 0 and field != "cooldown_seconds")):
+            raise bad(field, f"{value!r} must be a positive number")
+    measure = meta.get("measure", {})
+    if not isinstance(measure, dict):
+        raise bad("measure", "expected an object")
+    for key, value in measure.items():
+        if key not in MEASURE_KEYS:
+            raise bad(f"measure.{key}", f"unknown; expected one of {', '.join(sorted(MEASURE_KEYS))}")
+        if key in ("concurrency", "rate", "timeout", "max_in_flight") and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise bad(f"measure.{key}", f"{value!r} must be a positive number")
+    if sum(key in measure for key in ("concurrency", "rate")) > 1:
+        raise bad("measure", "choose concurrency or rate, not both")
+    if not isinstance(measure.get("headers", []), list):
+        raise bad("measure.headers", "expected a list of \"Name: value\" strings")
+    experiment = Experiment(path, meta)
+    for variant in experiment.candidates:
+        if experiment.apply_command(variant) is None:
+            raise bad(f"variant {variant['name']!r}", "no apply command and no apply.sh in the folder")
+    if not meta.get("revert") and not os.path.isfile(os.path.join(path, "revert.sh")):
+        raise bad("revert", "required (or a revert.sh in the folder)")
+    return experiment
+
+
+def find_experiments(home: str, names) -> list:
+    """Experiments named by folder path or id, or every folder in experiments/ in name order."""
+    root = os.path.join(home, "experiments")
+    if not names:
+        try:
+            folders = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
+        except FileNotFoundError:
+            raise BadInput(f"{root}: no experiments folder; create one with an NNN_name/meta.json") from None
+        return [load_experiment(os.path.join(root, folder)) for folder in folders]
+    found = []
+    for name in names:
+        if os.path.isdir(name):
+            found.append(load_experiment(os.path.abspath(name)))
+        elif os.path.isdir(os.path.join(root, name)):
+            found.append(load_experiment(os.path.join(root, name)))
+        else:
+            matches = [e for e in find_experiments(home, []) if e.id == name]
+            if not matches:
+                raise BadInput(f"unknown experiment {name!r}: not a folder, nor an id under {root}")
+            found.extend(matches)
+    return found
 
 
 ###### Measurement CSV ######
@@ -530,8 +672,9 @@ def verdict(base: Arm, var: Arm, thresholds: Thresholds) -> Verdict:
         if tail is not None and tail > t.max_tail_regress_pct:
             failed.append(("tail", f"p99 regressed {_fmt_pct(tail)} (at most {t.max_tail_regress_pct:g}% allowed)"))
         if improve is None or improve < t.improve_pct:
-            failed.append(("improvement", f"p50 improved only {_fmt_pct(improve)} "
-                                          f"(needs {t.improve_pct:g}%)"))
+            change = (f"p50 got {_fmt_pct(-improve)} slower" if improve is not None and improve < 0
+                      else f"p50 improved only {_fmt_pct(improve)}")
+            failed.append(("improvement", f"{change} (needs a {t.improve_pct:g}% improvement)"))
         if test["p_value"] > 1 - t.confidence:
             failed.append(("significance", f"not significant at {t.confidence:g} confidence "
                                            f"(p={test['p_value']:.3g}, needs <= {1 - t.confidence:.3g})"))
@@ -1068,6 +1211,771 @@ def measure_url(url: str, duration: float, out_path: str, *, method="GET", heade
         return prober.run()
 
 
+###### Files: atomic writes, the lock, the journal ######
+
+def utc_now() -> str:
+    """The current UTC time as ISO-8601 with a Z."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write text to path through a temp file and a rename: a reader sees the old or the new file, never half."""
+    folder = os.path.dirname(path) or "."
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def write_json(path: str, value) -> None:
+    write_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+def read_json(path: str, default=None):
+    """A JSON file's value, or default when it is missing or not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return default
+
+
+class LockHeld(WorkFailed):
+    """Another run holds the home's lock."""
+
+
+class HomeLock:
+    """fcntl.flock on var/lock, holding the pid of the run that has it."""
+
+    def __init__(self, var: str):
+        self.path = os.path.join(var, "lock")
+        self.handle = None
+
+    def __enter__(self):
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise WorkFailed(f"{self.path}: cannot open the lock: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise LockHeld(f"another run holds the lock {self.path} (pid {holder}); try again when it ends") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            self.handle.truncate(0)
+        self.handle.close()
+
+
+###### Commands: the one place that runs a shell command ######
+
+class CommandResult:
+    """How a command ended: exit code (None when killed for its time box), output, seconds."""
+
+    def __init__(self, command, code, output, seconds, timed_out):
+        self.command, self.code, self.output, self.seconds, self.timed_out = command, code, output, seconds, timed_out
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0 and not self.timed_out
+
+    def describe(self) -> str:
+        if self.timed_out:
+            return f"ran past its time box and was killed after {self.seconds:.1f} s"
+        if self.code is None:
+            return "could not be started"
+        return f"exited {self.code} after {self.seconds:.2f} s"
+
+
+def run_command(command: str, cwd: str, timeout: float, env=None, should_stop=None) -> CommandResult:
+    """Run a shell command in its own process group; kill the whole group when it overruns.
+
+    With should_stop, the command is also killed as soon as should_stop() turns true.
+    """
+    started = time.monotonic()
+    try:
+        child = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        return CommandResult(command, None, str(exc), 0.0, False)
+    deadline = started + timeout
+    timed_out = False
+    try:
+        while True:
+            try:
+                step = deadline - time.monotonic() if should_stop is None else min(0.2, deadline - time.monotonic())
+                output, _ = child.communicate(timeout=max(0.0, step))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline or (should_stop is not None and should_stop()):
+                    timed_out = time.monotonic() >= deadline
+                    _kill_group(child)
+                    output, _ = child.communicate()
+                    break
+    except BaseException:
+        _kill_group(child)
+        child.wait()
+        raise
+    text = output.decode("utf-8", "replace")
+    if len(text) > 8000:
+        text = text[:4000] + "\n[... output cut ...]\n" + text[-4000:]
+    return CommandResult(command, child.returncode, text, time.monotonic() - started, timed_out)
+
+
+def _kill_group(child):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, sig)
+        try:
+            child.wait(timeout=2)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+###### Run: the orchestrator ######
+
+class RevertFailed(WorkFailed):
+    """A revert failed: the box may be left on a variant; the journal stays for the next run."""
+
+
+class Interrupted(WorkFailed):
+    """SIGTERM or SIGINT arrived: what was applied has been reverted."""
+
+
+class Home:
+    """The paths of a home (SPEC.md "Layout of a home")."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.var = os.path.join(root, "var")
+        self.runs = os.path.join(self.var, "runs")
+        self.state = os.path.join(self.var, "state.json")
+        self.history = os.path.join(self.var, "history.jsonl")
+        self.journal = os.path.join(self.var, "applied.json")
+        self.kept = os.path.join(self.var, "kept.json")
+
+    def www(self) -> str:
+        """The home's www/, else the one beside smart.py."""
+        own = os.path.join(self.root, "www")
+        return own if os.path.isdir(own) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "www")
+
+    def new_run_dir(self):
+        """A fresh RUN_ID (UTC start time, -2, -3... if taken) and its folder."""
+        os.makedirs(self.runs, exist_ok=True)
+        base = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        for suffix in count(1):
+            run_id = base if suffix == 1 else f"{base}-{suffix}"
+            path = os.path.join(self.runs, run_id)
+            try:
+                os.mkdir(path)
+                return run_id, path
+            except FileExistsError:
+                continue
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; every wait and measurement of a run checks it."""
+
+    def __init__(self):
+        self.signal_name = None
+
+    def __bool__(self):
+        return self.signal_name is not None
+
+    def install(self):
+        def handler(signum, frame):
+            self.signal_name = signal.Signals(signum).name
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(sig, old) for sig, old in previous.items()]
+
+    def check(self):
+        if self:
+            raise Interrupted(f"stopped by {self.signal_name}")
+
+
+class Runner:
+    """Runs experiments the way SPEC.md "A run" says, so that no variant stays applied unless kept."""
+
+    def __init__(self, home: Home, settings: dict, out=None, stop: StopFlag | None = None):
+        self.home, self.settings = home, settings
+        self.out = sys.stdout if out is None else out
+        self.stop = stop or StopFlag()
+        self.log_handle = None
+        self.state = None
+
+    # -- logging and state --
+    def log(self, message: str) -> None:
+        """One timestamped line in run.log and on stdout (the journal, under systemd)."""
+        line = f"{utc_now()} {message}"
+        if self.log_handle is not None:
+            self.log_handle.write(line + "\n")
+            self.log_handle.flush()
+        print(line, file=self.out, flush=True)
+
+    def log_command(self, what: str, result: CommandResult) -> None:
+        self.log(f"{what}: $ {result.command}  -> {result.describe()}")
+        for line in result.output.rstrip().splitlines()[-40:]:
+            self.log(f"    | {line}")
+
+    def save_state(self, **changes) -> None:
+        self.state.update(changes)
+        self.state["updated_at"] = utc_now()
+        write_json(self.home.state, self.state)
+
+    def command(self, what: str, command: str, cwd: str, timeout=None) -> CommandResult:
+        result = run_command(command, cwd, timeout or self.settings["COMMAND_TIMEOUT_SECONDS"])
+        self.log_command(what, result)
+        return result
+
+    # -- the journal --
+    def write_journal(self, experiment: Experiment, variant: str, run_id: str) -> None:
+        write_json(self.home.journal, {
+            "run_id": run_id, "experiment": experiment.id, "path": experiment.path, "variant": variant,
+            "revert": experiment.revert, "pid": os.getpid(), "written_at": utc_now()})
+
+    def clear_journal(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.home.journal)
+
+    def recover(self) -> dict | None:
+        """Revert what an interrupted run left applied (var/applied.json); RevertFailed if that fails."""
+        entry = read_json(self.home.journal)
+        if entry is None:
+            if os.path.exists(self.home.journal):
+                raise RevertFailed(f"{self.home.journal}: unreadable journal; check what is applied, "
+                                   "revert by hand, then delete it")
+            return None
+        self.log(f"recovering: run {entry.get('run_id')} left {entry.get('experiment')}/{entry.get('variant')} "
+                 f"applied (pid {entry.get('pid')}); reverting it first")
+        result = self.command("recover revert", entry["revert"], entry["path"])
+        if not result.ok:
+            raise RevertFailed(f"recovery revert of {entry.get('experiment')}/{entry.get('variant')} "
+                               f"{result.describe()}; fix it by hand, then run 'smart.py recover'")
+        self.clear_journal()
+        self._close_interrupted_run(entry)
+        return entry
+
+    def _close_interrupted_run(self, entry: dict) -> None:
+        state = read_json(self.home.state)
+        if isinstance(state, dict) and state.get("run_id") == entry.get("run_id") and state.get("status") == "running":
+            state.update(status="interrupted", phase="recovered",
+                         reason=f"the run stopped while {entry.get('variant')} was applied; "
+                                f"reverted by recovery at {utc_now()}", current=None, updated_at=utc_now())
+            write_json(self.home.state, state)
+            self._append_history(state)
+
+    # -- one invocation --
+    def run(self, experiments) -> int:
+        """Lock, recover, then run each experiment; 0 when all finished, 1 when any failed."""
+        os.makedirs(self.home.var, exist_ok=True)
+        restore_signals = self.stop.install()
+        try:
+            with HomeLock(self.home.var):
+                self.recover()
+                failed = 0
+                for experiment in experiments:
+                    if self.stop:
+                        self.log(f"{self.stop.signal_name}: {experiment.id} not started")
+                        failed += 1
+                        continue
+                    failed += self.run_experiment(experiment) != "done"
+                return 1 if failed else 0
+        finally:
+            restore_signals()
+
+    def run_experiment(self, experiment: Experiment) -> str:
+        """One experiment as one run: its own RUN_ID, run folder, state and history line."""
+        kept = read_json(self.home.kept, {}) or {}
+        if experiment.id in kept:
+            record = kept[experiment.id]
+            print(f"{experiment.id}: settled, {record.get('variant')} kept in run {record.get('run_id')}; "
+                  f"nothing to try (revert it to reopen the experiment)", file=self.out)
+            return "done"
+        run_id, run_dir = self.home.new_run_dir()
+        self.log_handle = open(os.path.join(run_dir, "run.log"), "a", encoding="utf-8")
+        self.state = {
+            "run_id": run_id, "experiment": experiment.id, "description": experiment.description,
+            "kept_variant": None, "metrics": None, "status": "running", "phase": "starting",
+            "started_at": utc_now(), "finished_at": None, "host": socket.gethostname(),
+            "version": __version__, "design": "sequential", "variants": [], "current": None, "reason": None,
+        }
+        trial = Trial(self, experiment, run_id, run_dir)
+        try:
+            self.save_state()
+            self.log(f"run {run_id}: experiment {experiment.id} ({len(experiment.candidates)} variants)")
+            self.hook("pre-run", run_id)
+            trial.run()
+            status = "done"
+        except Interrupted as exc:
+            status, reason = "interrupted", str(exc)
+        except RevertFailed as exc:
+            status, reason = "failed", str(exc)
+        except (OSError, SmartError) as exc:
+            status, reason = "failed", str(exc) if isinstance(exc, SmartError) else f"I/O error: {exc}"
+        if status != "done":
+            reason = trial.abandon(reason)
+            self.log(f"run {run_id} {status}: {reason}")
+        try:
+            self.finish(status, None if status == "done" else reason)
+            self.hook("post-run", run_id)
+        except OSError as exc:
+            status = "failed"
+            print(f"error: could not record run {run_id}: {exc}", file=sys.stderr)
+        finally:
+            self.log_handle.close()
+            self.log_handle = None
+        return status
+
+    def hook(self, name: str, run_id: str) -> None:
+        path = os.path.join(self.home.root, "hooks", name)
+        if not os.access(path, os.X_OK):
+            return
+        result = self.command(f"{name} hook", f"{shlex.quote(path)} {run_id} {shlex.quote(self.home.state)}",
+                              self.home.root)
+        if not result.ok:
+            if name == "pre-run":
+                raise WorkFailed(f"pre-run hook {result.describe()}; nothing was changed")
+            self.log(f"warning: post-run hook {result.describe()}")
+
+    def finish(self, status: str, reason) -> None:
+        """Final state.json, history line, run-folder rotation, dashboard files."""
+        self.save_state(status=status, phase="finished", finished_at=utc_now(), current=None,
+                        reason=reason or self.state.get("reason"))
+        self._append_history(self.state)
+        self.rotate_runs()
+        publish_dashboard(self.home)
+        self.log(f"finished: status {status}, kept {self.state['kept_variant'] or 'nothing'}")
+
+    def _append_history(self, state: dict) -> None:
+        entry = {key: state.get(key) for key in ("run_id", "experiment", "status", "kept_variant", "metrics",
+                                                 "started_at", "finished_at", "reason", "design")}
+        entry["variants"] = [{key: v.get(key) for key in ("name", "decision", "reason", "borderline", "metrics")}
+                             for v in state.get("variants", [])]
+        with open(self.home.history, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def rotate_runs(self) -> None:
+        """Remove the oldest run folders beyond KEEP_RUNS."""
+        runs = sorted(e for e in os.listdir(self.home.runs) if os.path.isdir(os.path.join(self.home.runs, e)))
+        for old in runs[: max(0, len(runs) - self.settings["KEEP_RUNS"])]:
+            shutil.rmtree(os.path.join(self.home.runs, old), ignore_errors=True)
+
+
+class Trial:
+    """One experiment's baseline and variants inside a run: apply, cool down, measure, decide, revert."""
+
+    def __init__(self, runner: Runner, experiment: Experiment, run_id: str, run_dir: str):
+        self.runner, self.experiment, self.run_id, self.run_dir = runner, experiment, run_id, run_dir
+        self.settings = runner.settings
+        self.applied = None          # name of the variant applied now and not kept
+        self.baseline_arm = None
+
+    def seconds(self, key: str) -> float:
+        value = self.experiment.seconds.get(key.lower())
+        return float(value if value is not None else self.settings[key])
+
+    def run(self) -> None:
+        experiment, runner = self.experiment, self.runner
+        baseline = experiment.baseline
+        self.baseline_arm = self.measure_variant(baseline, "BASELINE_SECONDS", cooldown=False)
+        runner.save_state(metrics={"base_p50_ms": summarize(self.baseline_arm, sorted(self.baseline_arm.latencies))["p50_ms"],
+                                   "var_p50_ms": None, "base_err_pct": None, "var_err_pct": None})
+        for variant in experiment.candidates:
+            self.runner.stop.check()
+            outcome = self.try_variant(variant)
+            runner.state["variants"].append(outcome)
+            runner.save_state()
+            if outcome["decision"] == "keep":
+                self.keep(variant["name"], outcome)
+                return
+
+    def measure_variant(self, variant: dict, seconds_key: str, cooldown: bool) -> Arm:
+        """Apply (journal first), cool down and measure one variant; returns its Arm."""
+        name = variant["name"]
+        command = self.experiment.apply_command(variant)
+        if command is not None:
+            self.runner.log(f"about to apply {name}: {command}")
+            self.runner.write_journal(self.experiment, name, self.run_id)
+            self.applied = name
+            self.runner.save_state(phase=f"applying {name}", current={"variant": name, "step": "applying"})
+            result = self.runner.command(f"apply {name}", command, self.experiment.path)
+            self.runner.stop.check()
+            if not result.ok:
+                raise ApplyFailed(f"apply of {name} {result.describe()}")
+        else:
+            self.runner.log(f"{name}: nothing to apply")
+        if cooldown:
+            self.wait(self.seconds("COOLDOWN_SECONDS"), name, "cooldown")
+        if name == self.experiment.baseline["name"]:
+            self.runner.clear_journal()
+            self.applied = None
+        return self.measure(name, self.seconds(seconds_key))
+
+    def try_variant(self, variant: dict) -> dict:
+        """Apply, cool down, measure and decide one variant; revert unless kept.  Returns its record."""
+        name = variant["name"]
+        try:
+            arm = self.measure_variant(variant, "EXPERIMENT_SECONDS", cooldown=True)
+        except (ApplyFailed, MeasureFailed) as exc:
+            self.runner.log(f"{name}: {exc}; reverting")
+            self.revert()
+            return {"name": name, "decision": "revert", "reason": f"revert: {exc}", "borderline": False}
+        self.runner.save_state(phase=f"deciding {name}", current={"variant": name, "step": "deciding"})
+        result = verdict(self.baseline_arm, arm, Thresholds(self.settings))
+        summary = format_verdict(result)
+        with open(os.path.join(self.run_dir, f"{name}_decision.log"), "w", encoding="utf-8") as handle:
+            handle.write(summary + "\n\n" + json.dumps(result.to_json(), indent=2) + "\n")
+        self.runner.log(f"{name}: {result.reason}")
+        record = {"name": name, "decision": result.decision, "reason": result.reason,
+                  "borderline": result.borderline, "metrics": variant_metrics(result), "verdict": result.to_json()}
+        self.runner.state["metrics"] = {key: record["metrics"][key] for key in
+                                        ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")}
+        if result.decision != "keep":
+            self.revert()
+        return record
+
+    def keep(self, name: str, record: dict) -> None:
+        kept = read_json(self.runner.home.kept, {}) or {}
+        kept[self.experiment.id] = {"variant": name, "run_id": self.run_id, "kept_at": utc_now(),
+                                    "revert": self.experiment.revert, "path": self.experiment.path}
+        write_json(self.runner.home.kept, kept)
+        self.runner.state["kept_variant"] = name
+        self.runner.save_state(phase=f"kept {name}")
+        self.runner.clear_journal()
+        self.applied = None
+        self.runner.log(f"kept {name}: it stays applied")
+
+    def revert(self) -> None:
+        """Run the experiment's revert for the applied variant; RevertFailed leaves the journal in place."""
+        if self.applied is None:
+            return
+        name = self.applied
+        self.runner.save_state(phase=f"reverting {name}", current={"variant": name, "step": "reverting"})
+        result = self.runner.command(f"revert {name}", self.experiment.revert, self.experiment.path)
+        if not result.ok:
+            raise RevertFailed(f"revert of {name} {result.describe()}; the journal var/applied.json stays "
+                               "and the next run retries the revert first")
+        self.runner.clear_journal()
+        self.applied = None
+
+    def abandon(self, reason: str) -> str:
+        """After a fault or a signal: revert whatever is applied; returns the full reason."""
+        if self.applied is None:
+            return reason
+        name = self.applied
+        try:
+            self.revert()
+            return f"{reason}; {name} reverted"
+        except RevertFailed as exc:
+            return f"{reason}; {exc}"
+        except OSError as exc:
+            return f"{reason}; the revert could not be recorded ({exc})"
+
+    def wait(self, seconds: float, name: str, step: str) -> None:
+        """Sleep in short steps, so a signal is acted on within a fraction of a second."""
+        ends = time.time() + seconds
+        self.runner.save_state(phase=f"{step} {name}", current={"variant": name, "step": step,
+                                                                  "ends_at": _iso_seconds(ends)})
+        while True:
+            self.runner.stop.check()
+            left = ends - time.time()
+            if left <= 0:
+                return
+            time.sleep(min(0.2, left))
+
+    def measure(self, name: str, seconds: float) -> Arm:
+        """Measure the target for `seconds` into RUN_DIR/NAME.csv (built-in prober or measure.sh)."""
+        experiment = self.experiment
+        path = os.path.join(self.run_dir, f"{'baseline' if name == experiment.baseline['name'] else name}.csv")
+        ends = time.time() + seconds
+        self.runner.save_state(phase=f"measuring {name}",
+                               current={"variant": name, "step": "measuring", "ends_at": _iso_seconds(ends)})
+        self.runner.log(f"measuring {name} for {seconds:g} s -> {os.path.basename(path)}")
+        interval = experiment.interval or 1.0
+        if experiment.measure_sh:
+            env = dict(os.environ, TARGET_URL=experiment.target_url or "", DURATION=f"{seconds:g}",
+                       INTERVAL=f"{interval:g}", OUT=path)
+            result = run_command("./measure.sh", experiment.path,
+                                 seconds + self.settings["COMMAND_TIMEOUT_SECONDS"], env,
+                                 should_stop=lambda: bool(self.runner.stop))
+            self.runner.log_command(f"measure {name}", result)
+            self.runner.stop.check()
+            if not result.ok:
+                raise MeasureFailed(f"measure.sh {result.describe()}")
+            try:
+                arm = read_measurements(path)
+            except BadInput as exc:
+                raise MeasureFailed(f"measure.sh wrote a bad CSV: {exc}") from None
+        else:
+            arm = Arm(path)
+            spec = experiment.measure
+            shape = {"concurrency": spec.get("concurrency"), "rate": spec.get("rate"),
+                     "timeout": spec.get("timeout"), "max_in_flight": spec.get("max_in_flight")}
+            if not shape["concurrency"] and not shape["rate"]:
+                shape["interval"] = interval
+            result = measure_url(experiment.target_url, seconds, path, method=spec.get("method", "GET"),
+                                 headers=spec.get("headers", []), insecure=bool(spec.get("insecure")),
+                                 on_row=arm.add, should_stop=lambda: bool(self.runner.stop), **shape)
+            self.runner.stop.check()
+            self.runner.log(f"measured {name}: {result.rows} requests, {result.errors} errors")
+        return arm
+
+
+def variant_metrics(result: Verdict) -> dict:
+    """The figures of a verdict that state.json, history and the dashboard show per variant."""
+    metrics = {}
+    for prefix, figures in (("base", result.baseline), ("var", result.variant)):
+        for key in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "err_pct"):
+            metrics[f"{prefix}_{key}"] = figures[key]
+    metrics.update(improve_pct=result.improve_pct, improve_ci=result.improve_ci, p_value=result.p_value,
+                   err_delta_pct=result.err_delta_pct, p99_regress_pct=result.p99_regress_pct)
+    return metrics
+
+
+class ApplyFailed(SmartError):
+    """An apply command failed or overran its time box (the variant is reverted)."""
+
+
+class MeasureFailed(SmartError):
+    """A measurement failed (the variant is reverted)."""
+
+
+def _iso_seconds(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+###### State and dashboard ######
+
+def publish_dashboard(home: Home, history_runs: int = 200) -> None:
+    """Publish var/history.json (the last runs of history.jsonl) for the dashboard, atomically."""
+    runs = []
+    try:
+        with open(home.history, encoding="utf-8") as handle:
+            for line in handle:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if isinstance(entry, dict):
+                        runs.append(entry)
+                        del runs[:-history_runs]
+    except FileNotFoundError:
+        pass
+    write_json(os.path.join(home.var, "history.json"), {"runs": runs, "updated_at": utc_now()})
+
+
+###### Serve: the dashboard over HTTP ######
+
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler with keep-alive, TCP_NODELAY and no per-request log lines."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"smart.py/{__version__}"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format, *args):
+        pass
+
+    def send_body(self, code: int, body: bytes, content_type="text/plain; charset=utf-8", headers=()):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+_TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json", ".css": "text/css",
+          ".js": "text/javascript", ".png": "image/png", ".svg": "image/svg+xml"}
+
+
+def _inside(root: str, relative: str):
+    """The real path of root/relative when it stays inside root (no .., no symlink out), else None."""
+    if "\0" in relative or "\\" in relative or any(part == ".." for part in relative.split("/")):
+        return None
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, relative.lstrip("/")))
+    return path if path == real_root or path.startswith(real_root + os.sep) else None
+
+
+def make_dashboard_server(home: Home, bind: str = "127.0.0.1", port: int = 8080):
+    """A threaded HTTP server for www/, /state.json, /history.json and a listing of /runs/ - nothing else."""
+
+    class Handler(_QuietHandler):
+        def do_GET(self):
+            path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+            if path in ("/state.json", "/history.json"):
+                return self.send_file(os.path.join(home.var, path[1:]), no_cache=True)
+            if path == "/runs" or path.startswith("/runs/"):
+                return self.send_run_path(path[len("/runs"):])
+            if path == "/":
+                path = "/index.html"
+            found = _inside(home.www(), path)
+            if found is None or not os.path.isfile(found):
+                return self.send_body(404, b"not found\n")
+            return self.send_file(found)
+
+        do_HEAD = do_GET
+
+        def send_file(self, path, no_cache=False, content_type=None):
+            try:
+                with open(path, "rb") as handle:
+                    body = handle.read()
+            except OSError:
+                return self.send_body(404, b"not found\n")
+            headers = [("Cache-Control", "no-cache")] if no_cache else []
+            kind = content_type or _TYPES.get(os.path.splitext(path)[1], "text/plain; charset=utf-8")
+            self.send_body(200, body, kind, headers)
+
+        def send_run_path(self, relative):
+            found = _inside(home.runs, relative or "/")
+            if found is None:
+                return self.send_body(403, b"refused\n")
+            if os.path.isdir(found):
+                if not self.path.split("?")[0].endswith("/"):
+                    return self.send_body(301, b"", headers=[("Location", self.path.split("?")[0] + "/")])
+                names = sorted(os.listdir(found), reverse=found == os.path.realpath(home.runs))
+                items = "".join(
+                    f'<li><a href="{urllib.parse.quote(n)}{"/" if os.path.isdir(os.path.join(found, n)) else ""}">'
+                    f'{html.escape(n)}</a></li>' for n in names)
+                page = (f"<!doctype html><meta charset=utf-8><title>runs</title><ul>{items}</ul>").encode()
+                return self.send_body(200, page, "text/html; charset=utf-8", [("Cache-Control", "no-cache")])
+            if not os.path.isfile(found):
+                return self.send_body(404, b"not found\n")
+            return self.send_file(found, no_cache=True, content_type="text/plain; charset=utf-8")
+
+    server = http.server.ThreadingHTTPServer((bind, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve_dashboard(home: Home, bind: str, port: int) -> int:
+    """Serve the dashboard until Ctrl-C or SIGTERM."""
+    if bind not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"serving on {bind}: there is no authentication; anyone who can reach it sees the dashboard "
+             "(for production use nginx, see DEPLOYMENT.md)")
+    try:
+        server = make_dashboard_server(home, bind, port)
+    except OSError as exc:
+        raise BadInput(f"cannot listen on {bind}:{port}: {exc.strerror or exc}; try --port") from None
+    host, real_port = server.server_address[:2]
+    print(f"dashboard: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{real_port}/  (Ctrl-C to stop)", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()
+    return 0
+
+
+###### Demo: a built-in target server with a real switch ######
+
+class DemoTarget(http.server.ThreadingHTTPServer):
+    """A small web app whose speed depends on the word in its mode file.
+
+    plain: each page waits 20 ms on a simulated backend; cached: pages come from memory;
+    slow: 45 ms; broken: like plain, and one request in four fails with 503.  The demo's
+    variants switch modes by writing that file, as a real experiment edits a config.
+    """
+
+    daemon_threads = True
+    DELAYS = {"plain": 0.020, "cached": 0.0, "slow": 0.045, "broken": 0.020}
+
+    def __init__(self, mode_path: str, port: int = 0):
+        self.mode_path = mode_path
+        self.count = 0
+        super().__init__(("127.0.0.1", port), self._handler())
+
+    def mode(self) -> str:
+        try:
+            with open(self.mode_path, encoding="utf-8") as handle:
+                word = handle.read().strip()
+        except OSError:
+            word = "plain"
+        return word if word in self.DELAYS else "plain"
+
+    def _handler(self):
+        server = self
+
+        class Handler(_QuietHandler):
+            def do_GET(self):
+                mode = server.mode()
+                server.count += 1
+                if mode == "broken" and server.count % 4 == 0:
+                    self.send_body(503, b"backend unavailable\n")
+                    return
+                time.sleep(server.DELAYS[mode])
+                self.send_body(200, b"<html><body>hello from the demo target</body></html>\n",
+                               "text/html; charset=utf-8")
+
+            do_HEAD = do_GET
+        return Handler
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def start(self):
+        thread = threading.Thread(target=self.serve_forever, name="demo-target", daemon=True)
+        thread.start()
+        return self
+
+
+def write_demo_experiment(home: str, url: str, seconds: float) -> str:
+    """experiments/001_demo_cache in home: a no-op, a harmful and a helpful variant of the demo target."""
+    folder = os.path.join(home, "experiments", "001_demo_cache")
+    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(home, "target"), exist_ok=True)
+    mode = "../../target/mode"
+    write_atomic(os.path.join(home, "target", "mode"), "plain\n")
+    phase = max(2.0, seconds / 5)
+    meta = {
+        "id": "001_demo_cache",
+        "description": "Does a response cache make the demo site faster?",
+        "variants": [
+            {"name": "baseline", "apply": f"echo plain > {mode}"},
+            {"name": "noop", "apply": "true"},
+            {"name": "slow_backend", "apply": f"echo slow > {mode}"},
+            {"name": "response_cache", "apply": f"echo cached > {mode}"},
+        ],
+        "revert": f"echo plain > {mode}",
+        "target_url": url,
+        "baseline_seconds": round(phase, 1),
+        "experiment_seconds": round(phase, 1),
+        "cooldown_seconds": round(min(2.0, phase / 5), 1),
+        "measure": {"rate": 25, "timeout": 2},
+    }
+    write_json(os.path.join(folder, "meta.json"), meta)
+    return folder
+
+
 ###### Command line ######
 
 class _Parser(argparse.ArgumentParser):
@@ -1108,6 +2016,99 @@ def cmd_measure(args, settings) -> int:
         warn(f"the in-flight cap of {args.max_in_flight} was reached {result.cap_hits} times; "
              "late requests still count from when they were due")
     return 0
+
+
+def cmd_run(args, settings) -> int:
+    """run [EXPERIMENT ...]: the experiments in order, each reverted unless kept."""
+    home = Home(args.home)
+    experiments = find_experiments(home.root, args.experiments)
+    if not experiments:
+        raise BadInput(f"no experiments under {os.path.join(home.root, 'experiments')}")
+    if args.dry_run:
+        print(format_plan(experiments, settings))
+        return 0
+    return Runner(home, settings).run(experiments)
+
+
+def format_plan(experiments, settings) -> str:
+    """What run would do, for --dry-run: experiments, variants, commands, durations."""
+    lines = []
+    total = 0.0
+    for experiment in experiments:
+        def seconds(key):
+            value = experiment.seconds.get(key.lower())
+            return float(value if value is not None else settings[key])
+        base, each, cool = seconds("BASELINE_SECONDS"), seconds("EXPERIMENT_SECONDS"), seconds("COOLDOWN_SECONDS")
+        longest = base + len(experiment.candidates) * (each + cool)
+        total += longest
+        how = "measure.sh" if experiment.measure_sh else (
+            f"built-in prober {experiment.target_url} "
+            + (f"concurrency {experiment.measure['concurrency']}" if "concurrency" in experiment.measure else
+               f"rate {experiment.measure['rate']}/s" if "rate" in experiment.measure else
+               f"every {experiment.interval or 1:g} s"))
+        lines += [f"experiment {experiment.id}: {experiment.description}",
+                  f"  folder   {experiment.path}",
+                  f"  measure  {how}",
+                  f"  baseline {experiment.baseline['name']}: apply {experiment.apply_command(experiment.baseline) or '(nothing)'}; "
+                  f"measure {base:g} s"]
+        for variant in experiment.candidates:
+            lines.append(f"  variant  {variant['name']}: apply {experiment.apply_command(variant)}; "
+                         f"cool down {cool:g} s; measure {each:g} s; decide; revert unless kept")
+        lines += [f"  revert   {experiment.revert}", f"  at most  {longest:g} s plus command time"]
+    lines.append(f"dry run: nothing was changed; at most {total:g} s of measuring in all")
+    return "\n".join(lines)
+
+
+def cmd_recover(args, settings) -> int:
+    """recover: revert what an interrupted run left applied."""
+    home = Home(args.home)
+    os.makedirs(home.var, exist_ok=True)
+    runner = Runner(home, settings)
+    with HomeLock(home.var):
+        entry = runner.recover()
+    if entry is None:
+        print("nothing to recover: no variant is left applied")
+    return 0
+
+
+def cmd_dashboard(args, settings) -> int:
+    """dashboard: rebuild the published files from var/."""
+    home = Home(args.home)
+    os.makedirs(home.var, exist_ok=True)
+    publish_dashboard(home)
+    print(f"published {os.path.join(home.var, 'history.json')}")
+    return 0
+
+
+def cmd_demo(args, settings) -> int:
+    """demo: the whole loop against a built-in target, then the dashboard."""
+    home = Home(os.path.abspath(args.home_dir) if args.home_dir else tempfile.mkdtemp(prefix="smart-demo-"))
+    os.makedirs(home.root, exist_ok=True)
+    target = DemoTarget(os.path.join(home.root, "target", "mode")).start()
+    try:
+        folder = write_demo_experiment(home.root, target.url, args.seconds)
+        print(f"demo home {home.root}; target {target.url}")
+        print("trying three variants of the demo site: noop (changes nothing), slow_backend (harmful), "
+              "response_cache (helpful)")
+        code = Runner(home, settings).run([load_experiment(folder)])
+        state = read_json(home.state, {})
+        print(f"\nkept: {state.get('kept_variant') or 'nothing'}")
+        for variant in state.get("variants", []):
+            print(f"  {variant['name']:<15} {variant['decision']:<7} {variant['reason']}")
+        if code or args.no_serve:
+            return code
+        return serve_dashboard(home, args.bind, args.port)
+    finally:
+        target.shutdown()
+        target.server_close()
+
+
+def cmd_serve(args, settings) -> int:
+    """serve: the dashboard over HTTP."""
+    home = Home(args.home)
+    with contextlib.suppress(OSError):
+        publish_dashboard(home)
+    return serve_dashboard(home, args.bind, args.port)
 
 
 def cmd_decide(args, settings) -> int:
@@ -1154,9 +2155,9 @@ def build_parser() -> argparse.ArgumentParser:
     for key, flag in _DECIDE_FLAGS.items():
         decide.add_argument(flag, dest=key, metavar="N", help=f"{SETTINGS[key][2]} (default {SETTINGS[key][0]})")
 
-    run = command("run", _not_built("the run issue"), "run experiments")
-    run.add_argument("experiments", nargs="*", metavar="EXPERIMENT")
-    run.add_argument("--dry-run", action="store_true")
+    run = command("run", cmd_run, "run experiments (every folder in experiments/ by default)")
+    run.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help="folder path or id")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     measure = command("measure", cmd_measure, "probe a URL and write a measurement CSV")
     measure.add_argument("--url", required=True)
     measure.add_argument("--duration", type=float, required=True, metavar="S")
@@ -1171,12 +2172,20 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--method", default="GET")
     measure.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
     measure.add_argument("--insecure", action="store_true", help="skip TLS certificate checks (self-signed boxes)")
-    command("dashboard", _not_built("the dashboard issue"), "rebuild the published files from var/")
-    command("serve", _not_built("the dashboard issue"), "serve the dashboard over HTTP")
+    command("dashboard", cmd_dashboard, "rebuild the published files from var/")
+    serve = command("serve", cmd_serve, "serve the dashboard, state and run logs over HTTP")
+    serve.add_argument("--bind", default="127.0.0.1", help="address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     phone = command("phone-home", _not_built("the phone-home issue"), "send a run's result to the coach")
     phone.add_argument("run_id", nargs="?")
-    command("demo", _not_built("the demo issue"), "a complete experiment against a built-in server")
-    command("recover", _not_built("the run issue"), "revert what an interrupted run left applied")
+    demo = command("demo", cmd_demo, "a complete experiment against a built-in server, then the dashboard")
+    demo.add_argument("--seconds", type=float, default=60.0, metavar="S",
+                      help="about how long the experiment runs (default 60)")
+    demo.add_argument("--no-serve", action="store_true", help="stop after the run")
+    demo.add_argument("--dir", dest="home_dir", metavar="DIR", help="demo home (default a new temp folder)")
+    demo.add_argument("--bind", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    command("recover", cmd_recover, "revert what an interrupted run left applied")
     command("doctor", _not_built("the deploy issue"), "check the installation")
     return parser
 
