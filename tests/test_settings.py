@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import unittest
+from unittest import mock
 
 from helpers import import_smart
 
@@ -186,9 +187,8 @@ class PrecedenceTests(SettingsTestCase):
         self.assertEqual(values["PHONE_HOME"], "never")
 
     def test_uses_os_environ_by_default(self):
-        os.environ["KEEP_RUNS"] = "17"
-        self.addCleanup(os.environ.pop, "KEEP_RUNS", None)
-        self.assertEqual(smart.load_settings(None)["KEEP_RUNS"], 17)
+        with mock.patch.dict(os.environ, {"KEEP_RUNS": "17"}, clear=True):
+            self.assertEqual(smart.load_settings(None)["KEEP_RUNS"], 17)
 
     def test_good_values_parse(self):
         for key, (text, expected) in GOOD_VALUES.items():

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""How smart.py's built-in prober compares with wrk, on loopback, in one run (stdlib only).
+
+  (a) p50 latency against a backend that answers each request after 10 ms:
+      `smart.py measure --concurrency 1` vs `wrk -t1 -c1 --latency`; accept |ratio - 1| <= 5 %.
+  (b) requests/s against our own nginx serving a small static file:
+      `smart.py measure --concurrency 16` vs `wrk -t2 -c16`; accept smart/wrk >= 0.25.
+  (c) a backend that stalls 1 s once (requests arriving 2-3 s after the first wait until 3 s) during
+      `measure --rate 100 --duration 5`: accept p90 >= 200 ms and 500 rows +-2 %.
+  (d) with --rss: peak RSS of `measure --rate 200 --duration D` (D = --long-seconds, default 600)
+      against the 10 ms backend, from os.wait4's ru_maxrss; accept < 50 MB.
+
+Prints the figures; exits 1 when a bound is missed.  Without wrk or nginx it says so and exits 0,
+unless CI=true, then 1.  Usage:
+    python3 bench/measure_peer.py [--seconds 10] [--rss [--long-seconds 600]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SMART = os.path.join(ROOT, "smart.py")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import smart  # noqa: E402
+from servers import ScriptedServer, respond  # noqa: E402
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+# -- backends --
+
+def delayed(seconds):
+    """A handler that answers every request after `seconds`."""
+    def handler(server, request, sock):
+        time.sleep(seconds)
+        return respond(sock, 200, b"hello from the 10 ms backend\n")
+    return handler
+
+
+def stall_once(start, end):
+    """A handler that holds requests arriving in [start, end) s after the first one until `end`."""
+    first = []
+
+    def handler(server, request, sock):
+        if not first:
+            first.append(request.arrived)
+        t0 = first[0]
+        if start <= request.arrived - t0 < end:
+            server.sleep(t0 + end - time.monotonic())
+        return respond(sock, 200, b"ok\n")
+    return handler
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Nginx:
+    """Our own nginx (master + 2 workers) on 127.0.0.1:<free port>, serving a small static file."""
+
+    def __init__(self, binary, workdir):
+        self.binary, self.dir = binary, workdir
+        self.port = free_port()
+        self.proc = None
+        os.chmod(workdir, 0o755)              # workers may run as nobody
+        with open(os.path.join(workdir, "index.html"), "w") as handle:
+            handle.write("<!doctype html><title>smart bench</title><p>" + "small static file. " * 20 + "</p>\n")
+        os.chmod(os.path.join(workdir, "index.html"), 0o644)
+        self.conf = os.path.join(workdir, "nginx.conf")
+        with open(self.conf, "w") as handle:
+            handle.write(
+                "daemon off;\nmaster_process on;\nworker_processes 2;\n"
+                f"pid {workdir}/nginx.pid;\nerror_log {workdir}/error.log;\n"
+                "events {}\n"
+                "http {\n  access_log off;\n"
+                f"  server {{ listen 127.0.0.1:{self.port}; root {workdir}; }}\n"
+                "}\n")
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/index.html"
+
+    def start(self):
+        self.proc = subprocess.Popen([self.binary, "-c", self.conf, "-p", self.dir + "/", "-e", f"{self.dir}/error.log"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited {self.proc.returncode}: {self.proc.stderr.read().decode()[-500:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not listen within 10 s")
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGQUIT, 5), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+# -- the two clients --
+
+def run_smart(url, seconds, out, *shape):
+    """`smart.py measure`; returns (rows, errors, elapsed s, p50, p90, ok latencies sorted)."""
+    command = [sys.executable, SMART, "measure", "--url", url, "--duration", str(seconds), "--out", out, *shape]
+    done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=seconds + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"smart.py measure exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    match = re.search(r"(\d+) requests in ([\d.]+) s", done.stderr)
+    arm = smart.read_measurements(out)
+    latencies = sorted(arm.latencies)
+    elapsed = float(match.group(2)) if match else float(seconds)
+    return dict(rows=arm.total, errors=arm.errors, elapsed=elapsed, latencies=latencies,
+                p50=smart.percentile(latencies, 50), p90=smart.percentile(latencies, 90),
+                summary=done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "")
+
+
+def parse_duration_ms(text):
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if not match:
+        raise ValueError(f"wrk time {text!r}")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def run_wrk(wrk, url, threads, connections, seconds, latency=False):
+    """wrk; returns dict(rps, p50 ms or None, requests, errors text)."""
+    command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", *(["--latency"] if latency else []), url]
+    done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    out = done.stdout
+    rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    p50 = re.search(r"^\s*50(?:\.0+)?%\s+(\S+)", out, re.M)
+    requests = re.search(r"(\d+) requests in", out)
+    problems = [line.strip() for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line]
+    if not rps:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    return dict(rps=float(rps.group(1)), p50=parse_duration_ms(p50.group(1)) if p50 else None,
+                requests=int(requests.group(1)) if requests else None, problems=problems, raw=out)
+
+
+# -- the four checks --
+
+class Bench:
+    def __init__(self, args, wrk, nginx, tmp):
+        self.args, self.wrk, self.nginx, self.tmp = args, wrk, nginx, tmp
+        self.failures = []
+        self.results = []
+
+    def verdict(self, name, ok, text):
+        self.results.append((name, ok, text))
+        print(f"  -> {'PASS' if ok else 'FAIL'}: {text}", flush=True)
+        if not ok:
+            self.failures.append(name)
+
+    def latency(self):
+        seconds = self.args.seconds
+        print(f"(a) p50 against a 10 ms backend, 1 connection, {seconds} s each", flush=True)
+        with ScriptedServer(delayed(0.010)) as server:
+            ours = run_smart(server.url + "/", seconds, os.path.join(self.tmp, "a.csv"), "--concurrency", "1")
+            theirs = run_wrk(self.wrk, server.url + "/", 1, 1, seconds, latency=True)
+        ratio = ours["p50"] / theirs["p50"]
+        print(f"  smart: {ours['rows']} requests, {ours['errors']} errors, p50 {ours['p50']:.3f} ms, "
+              f"p90 {ours['p90']:.3f} ms", flush=True)
+        print(f"  wrk:   {theirs['requests']} requests, p50 {theirs['p50']:.3f} ms {' '.join(theirs['problems'])}")
+        self.verdict("a", abs(ratio - 1) <= 0.05 and ours["errors"] == 0,
+                     f"p50 ratio smart/wrk = {ratio:.4f} (bound |ratio-1| <= 0.05)")
+
+    def throughput(self):
+        seconds = self.args.seconds
+        print(f"(b) requests/s against nginx (2 workers, small static file), 16 connections, {seconds} s each",
+              flush=True)
+        workdir = tempfile.mkdtemp(prefix="nginx-", dir=self.tmp)
+        nginx = Nginx(self.nginx, workdir)
+        try:
+            nginx.start()
+            ours = run_smart(nginx.url, seconds, os.path.join(self.tmp, "b.csv"), "--concurrency", "16")
+            theirs = run_wrk(self.wrk, nginx.url, 2, 16, seconds)
+        finally:
+            nginx.stop()
+        our_rps = ours["rows"] / ours["elapsed"]
+        ratio = our_rps / theirs["rps"]
+        print(f"  smart: {ours['rows']} requests in {ours['elapsed']:.1f} s = {our_rps:.0f}/s, "
+              f"{ours['errors']} errors, p50 {ours['p50']:.3f} ms")
+        print(f"  wrk:   {theirs['rps']:.0f}/s {' '.join(theirs['problems'])}")
+        self.verdict("b", ratio >= 0.25 and ours["errors"] == 0,
+                     f"requests/s ratio smart/wrk = {ratio:.3f} (bound >= 0.25)")
+
+    def stall(self):
+        print("(c) --rate 100 --duration 5 with a 1 s stall once (requests arriving 2-3 s in wait until 3 s)",
+              flush=True)
+        with ScriptedServer(stall_once(2.0, 3.0)) as server:
+            ours = run_smart(server.url + "/", 5, os.path.join(self.tmp, "c.csv"), "--rate", "100")
+        rows_ok = abs(ours["rows"] - 500) <= 10
+        print(f"  smart: {ours['rows']} rows, {ours['errors']} errors, p50 {ours['p50']:.1f} ms, "
+              f"p90 {ours['p90']:.1f} ms, max {ours['latencies'][-1]:.1f} ms")
+        self.verdict("c", ours["p90"] >= 200 and rows_ok,
+                     f"p90 {ours['p90']:.1f} ms (bound >= 200), rows {ours['rows']} (bound 500 +-2%)")
+
+    def rss(self):
+        seconds = self.args.long_seconds
+        print(f"(d) peak RSS of measure --rate 200 --duration {seconds:g} against the 10 ms backend", flush=True)
+        out = os.path.join(self.tmp, "d.csv")
+        with ScriptedServer(delayed(0.010)) as server:
+            proc = subprocess.Popen([sys.executable, SMART, "measure", "--url", server.url + "/", "--rate", "200",
+                                     "--duration", str(seconds), "--out", out],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stderr = proc.stderr.read().decode(errors="replace")
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        peak_mb = usage.ru_maxrss / 1024          # Linux reports KiB
+        arm = smart.read_measurements(out)
+        print(f"  smart: exit {proc.returncode}, {arm.total} rows, {arm.errors} errors; "
+              f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
+        self.verdict("d", proc.returncode == 0 and peak_mb < 50 and abs(arm.total - 200 * seconds) <= 0.02 * 200 * seconds,
+                     f"peak RSS {peak_mb:.1f} MB (bound < 50 MB) over {arm.total} rows")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10, help="length of (a) and (b) runs (default 10)")
+    parser.add_argument("--rss", action="store_true", help="also run (d), the long peak-RSS run")
+    parser.add_argument("--long-seconds", type=float, default=600, help="length of (d) (default 600)")
+    args = parser.parse_args(argv)
+    if args.seconds != int(args.seconds):
+        parser.error("--seconds must be whole (wrk takes whole seconds)")
+    args.seconds = int(args.seconds)
+
+    wrk = shutil.which("wrk")
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                           if os.access(p, os.X_OK)), None)
+    missing = [name for name, path in (("wrk", wrk), ("nginx", nginx)) if not path]
+    if missing:
+        ci = os.environ.get("CI", "").lower() == "true"
+        print(f"measure_peer: skipped: {' and '.join(missing)} not installed"
+              f"{' (CI=true: failing)' if ci else ''}")
+        return 1 if ci else 0
+
+    print(f"measure_peer: smart.py {smart.__version__} vs {subprocess.run([wrk, '-v'], capture_output=True, text=True).stdout.splitlines()[0][:40]}"
+          f", nginx at {nginx}, {os.cpu_count()} CPUs")
+    tmp = tempfile.mkdtemp(prefix="measure-peer-")
+    bench = Bench(args, wrk, nginx, tmp)
+    started = time.monotonic()
+    try:
+        for step in (bench.latency, bench.throughput, bench.stall):
+            try:
+                step()
+            except (RuntimeError, OSError, subprocess.SubprocessError, smart.SmartError) as exc:
+                bench.verdict(step.__name__, False, f"could not run: {exc}")
+        if args.rss:
+            try:
+                bench.rss()
+            except (RuntimeError, OSError, subprocess.SubprocessError, smart.SmartError) as exc:
+                bench.verdict("d", False, f"could not run: {exc}")
+        else:
+            print("(d) peak RSS: skipped; run `python3 bench/measure_peer.py --rss` "
+                  "(600 s; --long-seconds D to shorten)")
+    finally:
+        shutil.rmtree(tmp, True)
+    print(f"measure_peer: {len(bench.results) - len(bench.failures)} passed, {len(bench.failures)} failed "
+          f"in {time.monotonic() - started:.0f} s")
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
