@@ -27,6 +27,7 @@ import json
 import math
 import operator
 import os
+import random
 import re
 import selectors
 import shlex
@@ -42,6 +43,7 @@ import time
 import urllib.parse
 from datetime import datetime, timezone
 from itertools import compress, count, islice, repeat
+import statistics
 from statistics import NormalDist
 
 __version__ = "0.1.0"
@@ -134,6 +136,11 @@ SETTINGS = {
     "CONFIDENCE": (0.99, _number(float, 0.5, 1, high_open=True), "confidence that the improvement is real"),
     "MIN_SAMPLES": (30, _number(int, 2), "fewest successful samples per arm"),
     "MAX_TAIL_REGRESS_PCT": (25.0, _number(float, 0), "most p99 regression (%) a kept variant may have"),
+    "DESIGN": ("switchback", _choice("switchback", "sequential"), "how variants are measured against the baseline"),
+    "BLOCKS": (6, _number(int, 2), "switchback: baseline/variant block pairs per variant"),
+    "WARMUP_SECONDS": (10.0, _number(float, 0), "switchback: measured, unjudged wait after each switch"),
+    "EARLY_STOP": ("yes", _choice("yes", "no"), "end a variant early once its verdict is certain"),
+    "LOOK_SECONDS": (5.0, _number(float, 0, low_open=True), "how often the sequential stop looks"),
     "COMMAND_TIMEOUT_SECONDS": (60.0, _number(float, 0, low_open=True), "time box of each command"),
     "KEEP_RUNS": (200, _number(int, 1), "run folders kept under var/runs"),
     "PHONE_HOME": ("borderline", _choice("never", "borderline", "always"), "when to ask the coach"),
@@ -222,7 +229,10 @@ class Experiment:
         self.interval = meta.get("measure_interval_sec")
         self.measure = meta.get("measure") or {}
         self.measure_sh = os.path.isfile(os.path.join(path, "measure.sh"))
-        self.seconds = {key: meta.get(key) for key in ("baseline_seconds", "experiment_seconds", "cooldown_seconds")}
+        self.seconds = {key: meta.get(key) for key in ("baseline_seconds", "experiment_seconds", "cooldown_seconds",
+                                                       "warmup_seconds")}
+        self.design = meta.get("design")
+        self.blocks = meta.get("blocks")
 
     def apply_command(self, variant: dict):
         """The shell command that applies a variant, or None for a baseline with nothing to apply."""
@@ -283,11 +293,17 @@ def load_experiment(path: str) -> Experiment:
             Target(target)
         except BadInput as exc:
             raise bad("target_url", str(exc)) from None
-    for field in ("measure_interval_sec", "baseline_seconds", "experiment_seconds", "cooldown_seconds"):
+    if meta.get("design") not in (None, "sequential", "switchback"):
+        raise bad("design", f"{meta['design']!r} must be sequential or switchback")
+    blocks = meta.get("blocks")
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 2):
+        raise bad("blocks", f"{blocks!r} must be a whole number of at least 2")
+    for field in ("measure_interval_sec", "baseline_seconds", "experiment_seconds", "cooldown_seconds",
+                  "warmup_seconds"):
         value = meta.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0
-                                  or (value == 0 and field != "cooldown_seconds")):
+                                  or (value == 0 and field not in ("cooldown_seconds", "warmup_seconds"))):
             raise bad(field, f"{value!r} must be a positive number")
     measure = meta.get("measure", {})
     if not isinstance(measure, dict):
@@ -339,7 +355,7 @@ def find_experiments(home: str, names) -> list:
 class Arm:
     """One arm's measurements: successful latencies (array of float ms), counts, block labels."""
 
-    __slots__ = ("path", "latencies", "blocks", "total", "errors", "block_totals", "block_errors")
+    __slots__ = ("path", "latencies", "blocks", "total", "errors", "block_totals", "block_errors", "block_started")
 
     def __init__(self, path="-"):
         self.path = path
@@ -349,14 +365,17 @@ class Arm:
         self.errors = 0
         self.block_totals = {}
         self.block_errors = {}
+        self.block_started = {}       # block -> epoch seconds of its first row (tells which arm went first)
 
-    def add(self, latency_ms: float, code: int, block=None) -> None:
-        """Count one request (used by the prober and by tests)."""
+    def add(self, latency_ms: float, code: int, block=None, at=None) -> None:
+        """Count one request (used by the prober and by tests); `at` is when a block's first row was sent."""
         self.total += 1
         failed = code == 0 or code >= 500
         if block is not None:
             if self.blocks is None:
                 self.blocks = array.array("l", [0] * len(self.latencies))
+            if block not in self.block_started and at is not None:
+                self.block_started[block] = at
             self.block_totals[block] = self.block_totals.get(block, 0) + 1
             if failed:
                 self.block_errors[block] = self.block_errors.get(block, 0) + 1
@@ -371,6 +390,24 @@ class Arm:
     def ok(self) -> int:
         return len(self.latencies)
 
+    def only(self, blocks) -> "Arm":
+        """A copy holding only the rows of the given blocks."""
+        keep = set(blocks)
+        part = Arm(self.path)
+        part.blocks = array.array("l")
+        for latency, block in zip(self.latencies, self.blocks):
+            if block in keep:
+                part.latencies.append(latency)
+                part.blocks.append(block)
+        for block in keep:
+            part.total += self.block_totals.get(block, 0)
+            part.errors += self.block_errors.get(block, 0)
+            part.block_totals[block] = self.block_totals.get(block, 0)
+            part.block_errors[block] = self.block_errors.get(block, 0)
+            if block in self.block_started:
+                part.block_started[block] = self.block_started[block]
+        return part
+
 
 def _check_timestamp(text: str) -> None:
     if "T" in text:
@@ -379,6 +416,14 @@ def _check_timestamp(text: str) -> None:
         value = float(text)
         if not math.isfinite(value) or value < 0:
             raise ValueError
+
+
+def _epoch(stamp: str) -> float:
+    """A checked timestamp (ISO-8601 or epoch seconds) as epoch seconds."""
+    if "T" not in stamp:
+        return float(stamp)
+    moment = datetime.fromisoformat(stamp)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _parse_row(line: str):
@@ -515,7 +560,10 @@ class _CsvReader:
                 return
             raise BadInput(f"{self.path}:{number}: malformed row {line.strip()[:60]!r}: {exc}") from None
         self.labelled = block is not None
-        self.arm.add(latency, code, block)
+        at = None
+        if block is not None and block not in self.arm.block_started:
+            at = _epoch(line.split(",")[0].strip())
+        self.arm.add(latency, code, block, at)
 
 
 def _undecodable_line(path: str) -> int:
@@ -676,6 +724,115 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return max(0.0, 1.0 - below)
 
 
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) (continued fraction, Lentz's method)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x)
+                     + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * result
+
+
+def t_cdf(value: float, df: float) -> float:
+    """P(T <= value) for Student's t with df degrees of freedom."""
+    if math.isinf(value):
+        return 1.0 if value > 0 else 0.0
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + value * value))
+    return 1.0 - tail if value > 0 else tail
+
+
+def t_quantile(probability: float, df: float) -> float:
+    """The value with P(T <= value) = probability (bisection on t_cdf)."""
+    low, high = -1e6, 1e6
+    for _ in range(200):
+        middle = (low + high) / 2
+        if t_cdf(middle, df) < probability:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def crossover_test(pairs, confidence: float) -> dict | None:
+    """Period-adjusted comparison of block medians across switchback pairs (an AB/BA crossover).
+
+    `pairs` holds (baseline_p50, variant_p50, variant_first) per pair.  Each pair's log ratio
+    carries the effect plus or minus a period effect (drift between the pair's two blocks); the
+    mean of the two order groups' means cancels that (Hills & Armitage), with a t test on the
+    pooled within-group spread.  Without both orders it falls back to a paired t test.  Returns
+    the log-ratio estimate, its interval at `confidence`, and the one-sided p that the variant is
+    faster, or None with fewer than 3 usable pairs.
+    """
+    groups = {True: [], False: [], None: []}
+    for base_p50, var_p50, variant_first in pairs:
+        if base_p50 and var_p50 and base_p50 > 0 and var_p50 > 0:
+            groups[variant_first].append(math.log(var_p50) - math.log(base_p50))
+    first, second = groups[True], groups[False]
+    if first and second and len(first) + len(second) >= 3 and not groups[None]:
+        estimate = (statistics.fmean(first) + statistics.fmean(second)) / 2
+        df = len(first) + len(second) - 2
+        spread = sum((r - statistics.fmean(g)) ** 2 for g in (first, second) for r in g)
+        se = 0.5 * math.sqrt(spread / df if df else 0.0) * math.sqrt(1 / len(first) + 1 / len(second))
+        method = "period-adjusted crossover t test on block medians"
+    else:
+        ratios = first + second + groups[None]
+        if len(ratios) < 3:
+            return None
+        estimate, df = statistics.fmean(ratios), len(ratios) - 1
+        se = statistics.stdev(ratios) / math.sqrt(len(ratios))
+        method = "paired t test on block medians"
+    if df < 1:
+        return None
+    if se == 0:
+        statistic = -math.inf if estimate < 0 else (math.inf if estimate > 0 else 0.0)
+    else:
+        statistic = estimate / se
+    half = t_quantile(0.5 + confidence / 2, df) * se
+    return {"estimate": estimate, "low": estimate - half, "high": estimate + half, "df": df,
+            "p_value": t_cdf(statistic, df) if statistic else 0.5, "method": method}
+
+
+def sequential_alpha(confidence: float, fraction: float) -> float:
+    """Significance level at a look `fraction` of the way to the horizon, valid however often one looks.
+
+    The boundary z >= z(1 - alpha/2) / sqrt(fraction) is O'Brien-Fleming's under continuous
+    monitoring: by the reflection principle a Brownian path crosses it before the horizon with
+    probability alpha (Lan & DeMets 1983), so checking every few seconds keeps false keeps at alpha.
+    """
+    alpha = 1 - confidence
+    boundary = _NORMAL.inv_cdf(1 - alpha / 2) / math.sqrt(min(1.0, max(fraction, 1e-6)))
+    return 1 - _NORMAL.cdf(boundary)
+
+
+def wilson_lower(successes: int, trials: int, confidence: float) -> float:
+    """One-sided lower confidence bound of a proportion (Wilson score)."""
+    if trials == 0:
+        return 0.0
+    z = _NORMAL.inv_cdf(confidence)
+    share = successes / trials
+    center = share + z * z / (2 * trials)
+    spread = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials))
+    return max(0.0, (center - spread) / (1 + z * z / trials))
+
+
 def _log_median_se(sorted_values):
     """Standard error of log(median) from the distribution-free order-statistic interval (Bonett-Price)."""
     n = len(sorted_values)
@@ -747,16 +904,40 @@ def _round(value, digits=3):
     return round(value, digits)
 
 
-def verdict(base: Arm, var: Arm, thresholds: Thresholds) -> Verdict:
-    """Apply SPEC.md's five rules to two arms; pure (no I/O), the same input gives the same verdict."""
+def verdict(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Verdict:
+    """Apply SPEC.md's five rules to two arms; pure (no I/O), the same input gives the same verdict.
+
+    Block-labelled arms are compared within the blocks both have: the rank test is van Elteren's,
+    and the p50 improvement and a second significance test come from the period-adjusted
+    crossover analysis of block medians, so drift between blocks cannot pass for an effect.
+    `fraction` is set by a sequential stop: how far to the horizon this look is; rule 3 then
+    uses sequential_alpha, whose error bound holds however many looks are made.
+    """
     t = thresholds
+    if base.blocks is not None and var.blocks is not None:
+        common = set(base.block_totals) & set(var.block_totals)
+        base, var = base.only(common), var.only(common)
     base_sorted, var_sorted = sorted(base.latencies), sorted(var.latencies)
     base_fig, var_fig = summarize(base, base_sorted), summarize(var, var_sorted)
     strata = _strata(base, var, base_sorted, var_sorted)
-    test = rank_test(strata)
+    test = rank_test([(b, v) for _, b, v in strata])
+    p_value, method = test["p_value"], test["method"]
     interval = median_ratio_interval(base_sorted, var_sorted, t.confidence)
     improve = _pct_change(base_fig["p50_ms"], var_fig["p50_ms"])
     improve = None if improve is None else 0.0 - improve
+    improve_ci = None if interval is None else [(1 - interval[1]) * 100, (1 - interval[0]) * 100]
+    blocks = []
+    if len(strata) > 1:
+        blocks = [{"block": block, "base_p50_ms": percentile(b, 50), "var_p50_ms": percentile(v, 50),
+                   "variant_first": _variant_first(base, var, block)} for block, b, v in strata]
+        cross = crossover_test([(x["base_p50_ms"], x["var_p50_ms"], x["variant_first"]) for x in blocks],
+                               t.confidence)
+        if cross is not None:
+            improve = (1 - math.exp(cross["estimate"])) * 100
+            improve_ci = [(1 - math.exp(cross["high"])) * 100, (1 - math.exp(cross["low"])) * 100]
+            p_value = max(p_value, cross["p_value"])
+            method = f"{method}, and {cross['method']} (df {cross['df']}); p is the larger"
+    alpha = 1 - t.confidence if fraction is None else sequential_alpha(t.confidence, fraction)
     err_delta = var_fig["err_pct"] - base_fig["err_pct"]
     tail = _pct_change(base_fig["p99_ms"], var_fig["p99_ms"])
 
@@ -780,41 +961,47 @@ def verdict(base: Arm, var: Arm, thresholds: Thresholds) -> Verdict:
             change = (f"p50 got {_fmt_pct(-improve)} slower" if improve is not None and improve < 0
                       else f"p50 improved only {_fmt_pct(improve)}")
             failed.append(("improvement", f"{change} (needs a {t.improve_pct:g}% improvement)"))
-        if test["p_value"] > 1 - t.confidence + EPSILON:
-            failed.append(("significance", f"not significant at {t.confidence:g} confidence "
-                                           f"(p={test['p_value']:.3g}, needs <= {1 - t.confidence:.3g})"))
+        if p_value > alpha + EPSILON:
+            look = "" if fraction is None else f" at {fraction:.0%} of the horizon"
+            failed.append(("significance", f"not significant at {t.confidence:g} confidence{look} "
+                                           f"(p={p_value:.3g}, needs <= {alpha:.3g})"))
     decision = "revert" if failed else "keep"
     if failed:
         reason = "revert: " + "; ".join(text for _, text in failed)
     else:
         reason = (f"keep: p50 improved {_fmt_pct(improve)} (needs {t.improve_pct:g}%), significant "
-                  f"(p={test['p_value']:.3g}); errors {err_delta:+.2f} points, p99 {_fmt_signed(tail)}")
+                  f"(p={p_value:.3g}); errors {err_delta:+.2f} points, p99 {_fmt_signed(tail)}")
     enough = base.ok >= t.min_samples and var.ok >= t.min_samples
     near_bar = improve is not None and abs(improve - t.improve_pct) <= BORDERLINE_POINTS + EPSILON
     borderline = enough and (near_bar or [name for name, _ in failed] == ["significance"])
-    improve_ci = None
-    if interval is not None:
-        improve_ci = [_round((1 - interval[1]) * 100), _round((1 - interval[0]) * 100)]
     return Verdict(
         decision=decision, reason=reason, borderline=borderline,
         failed_rules=[name for name, _ in failed],
         baseline=base_fig, variant=var_fig,
-        improve_pct=_round(improve), improve_ci=improve_ci,
+        improve_pct=_round(improve), improve_ci=None if improve_ci is None else [_round(x) for x in improve_ci],
         err_delta_pct=_round(err_delta, 4), p99_regress_pct=_round(tail),
-        p_value=float(f"{test['p_value']:.6g}"), confidence=t.confidence, test=test["method"],
+        p_value=float(f"{p_value:.6g}"), alpha=float(f"{alpha:.6g}"), confidence=t.confidence, test=method,
+        blocks=blocks, fraction=fraction,
         thresholds={key.lower(): getattr(t, key.lower()) for key in Thresholds.KEYS},
     )
 
 
 def _strata(base: Arm, var: Arm, base_sorted, var_sorted):
-    """Blocks present in both arms, each (baseline_sorted, variant_sorted); one stratum when unblocked."""
+    """(block, baseline_sorted, variant_sorted) per block both arms have; one stratum when unblocked."""
     if base.blocks is None or var.blocks is None:
-        return [(base_sorted, var_sorted)]
+        return [(None, base_sorted, var_sorted)]
     groups = {}
     for arm, side in ((base, 0), (var, 1)):
         for latency, block in zip(arm.latencies, arm.blocks):
             groups.setdefault(block, ([], []))[side].append(latency)
-    return [(sorted(b), sorted(v)) for _, (b, v) in sorted(groups.items()) if b and v]
+    return [(block, sorted(b), sorted(v)) for block, (b, v) in sorted(groups.items()) if b and v]
+
+
+def _variant_first(base: Arm, var: Arm, block):
+    """Whether the variant's half of a block pair ran first; None when the CSVs do not tell."""
+    if block in base.block_started and block in var.block_started:
+        return var.block_started[block] < base.block_started[block]
+    return None
 
 
 def _fmt_pct(value):
@@ -872,6 +1059,8 @@ class Target:
             port = parts.port
         except ValueError:
             raise BadInput(f"URL {url!r}: the port is not a number from 0 to 65535") from None
+        if port == 0:
+            raise BadInput(f"URL {url!r}: port 0 is not a port one can connect to")
         if not parts.hostname or any(c in url for c in " \r\n\t"):
             raise BadInput(f"URL {url!r}: no host name, or a blank inside")
         if not _TOKEN.match(method):
@@ -951,6 +1140,8 @@ def _chunked_end(buf: bytearray, pos: int):
         if line_end < 0:
             return None
         size = int(bytes(buf[pos:line_end]).split(b";")[0].strip() or b"x", 16)
+        if size < 0:
+            raise ValueError("negative chunk size")
         if size == 0:
             trailer_end = buf.find(b"\r\n\r\n", line_end)
             if buf[line_end:line_end + 4] == b"\r\n\r\n":
@@ -996,6 +1187,22 @@ def _iso_millis(epoch: float, _cache={}) -> str:
     return f"{prefix}.{int((epoch - second) * 1000):03d}Z"
 
 
+_SHAPE_LIMITS = {"duration": (1e-3, 7 * 86400), "interval": (1e-3, 86400), "rate": (1e-3, 100000),
+                 "concurrency": (1, 10000), "timeout": (1e-3, 3600), "max_in_flight": (1, 10000)}
+
+
+def check_shape(duration, **shape) -> None:
+    """BadInput unless the measurement's length and load shape are sane numbers (checked before any I/O)."""
+    if sum(shape.get(key) is not None for key in ("interval", "concurrency", "rate")) > 1:
+        raise BadInput("choose one load shape: --interval, --concurrency or --rate")
+    for name, value in dict(shape, duration=duration).items():
+        if value is None:
+            continue
+        low, high = _SHAPE_LIMITS[name]
+        if not (isinstance(value, (int, float)) and low <= value <= high):
+            raise BadInput(f"--{name.replace('_', '-')} must be a number from {low:g} to {high:g}, got {value!r}")
+
+
 class Prober:
     """An event loop over non-blocking keep-alive connections, for the three load shapes.
 
@@ -1007,13 +1214,10 @@ class Prober:
     """
 
     def __init__(self, target: Target, duration: float, out, *, interval=None, concurrency=None,
-                 rate=None, timeout=5.0, max_in_flight=256, on_row=None, should_stop=None, progress=None):
-        if sum(x is not None for x in (interval, concurrency, rate)) > 1:
-            raise BadInput("choose one load shape: --interval, --concurrency or --rate")
-        for name, value in (("--duration", duration), ("--timeout", timeout), ("--interval", interval),
-                            ("--rate", rate), ("--concurrency", concurrency), ("--max-in-flight", max_in_flight)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise BadInput(f"{name} must be a positive number, got {value!r}")
+                 rate=None, timeout=5.0, max_in_flight=256, on_row=None, should_stop=None, progress=None,
+                 block=None):
+        check_shape(duration, interval=interval, concurrency=concurrency, rate=rate, timeout=timeout,
+                    max_in_flight=max_in_flight)
         self.target, self.out = target, out
         self.duration_ns = int(duration * 1e9)
         self.timeout_ns = int(timeout * 1e9)
@@ -1021,6 +1225,7 @@ class Prober:
         self.period_ns = None if self.concurrency else int(1e9 / rate if rate else (interval or 1.0) * 1e9)
         self.cap = 1 if interval or not (rate or concurrency) else int(max_in_flight)
         self.on_row, self.should_stop, self.progress = on_row, should_stop, progress
+        self.suffix = "\n" if block is None else f",{block}\n"
         self.result = ProbeResult()
         self.selector = selectors.DefaultSelector()
         self.idle = []
@@ -1125,7 +1330,10 @@ class Prober:
                 return
         else:
             conn.state = "sending"
-            self._write(conn)
+            try:
+                self._write(conn)
+            except OSError as exc:
+                self._failed(conn, exc)
 
     def _connect(self, conn: _Conn) -> bool:
         try:
@@ -1224,10 +1432,13 @@ class Prober:
                     return
 
     def _complete(self, conn) -> bool:
-        if conn.response is None:
+        while conn.response is None:
             conn.response = _Response.parse_head(conn.buf, self.target.method == "HEAD")
             if conn.response is None:
                 return False
+            if 100 <= conn.response.status < 200 and conn.response.status != 101:
+                del conn.buf[:conn.response.body_start]      # an interim response (e.g. 103 Early Hints)
+                conn.response = None
         end = conn.response.body_end(conn.buf)
         if end is None:
             return False
@@ -1260,9 +1471,9 @@ class Prober:
         else:
             self.recent.append(latency_ms)
         wall = self.start_wall + (conn.due - self.start_ns) / 1e9
-        self.rows.append(f"{_iso_millis(wall)},{latency_ms:.3f},{code}\n")
+        self.rows.append(f"{_iso_millis(wall)},{latency_ms:.3f},{code}{self.suffix}")
         if self.on_row is not None:
-            self.on_row(latency_ms, code)
+            self.on_row(latency_ms, code, wall)
         conn.retried = False
         if keep and conn.sock is not None:
             conn.served += 1
@@ -1305,6 +1516,7 @@ def measure_url(url: str, duration: float, out_path: str, *, method="GET", heade
     """Probe url for duration seconds, streaming rows to out_path as they complete."""
     target = Target(url, method, headers, insecure)
     shape = {k: v for k, v in shape.items() if v is not None}
+    check_shape(duration, **shape)
     try:
         handle = open(out_path, "w", encoding="utf-8", newline="")
     except OSError as exc:
@@ -1620,7 +1832,8 @@ class Runner:
             "run_id": run_id, "experiment": experiment.id, "description": experiment.description,
             "kept_variant": None, "metrics": None, "status": "running", "phase": "starting",
             "started_at": utc_now(), "finished_at": None, "host": socket.gethostname(),
-            "version": __version__, "design": "sequential", "variants": [], "current": None, "reason": None,
+            "version": __version__, "design": None, "variants": [], "current": None, "reason": None,
+            "stopped_early": None,
         }
         trial = Trial(self, experiment, run_id, run_dir)
         try:
@@ -1684,80 +1897,268 @@ class Runner:
             shutil.rmtree(os.path.join(self.home.runs, old), ignore_errors=True)
 
 
+class Guard:
+    """Aborts a variant that is clearly harmful while it is applied; it never keeps anything.
+
+    Fed every row from the moment of the apply (warm-up included).  Clearly harmful means: the
+    error rate is above the reference's plus MAX_ERR_DELTA_PCT even at the lower end of a
+    GUARD_CONFIDENCE interval, or the median latency is GUARD_FACTOR times the reference's p99.
+    """
+
+    def __init__(self, reference: Arm, thresholds: Thresholds):
+        self.reference, self.thresholds = reference, thresholds
+        self.started = time.monotonic()
+        self.latencies = []
+        self.total = self.errors = 0
+        self.checked = 0.0
+        self.reason = None
+
+    def add(self, latency_ms: float, code: int) -> None:
+        self.total += 1
+        if code == 0 or code >= 500:
+            self.errors += 1
+        else:
+            self.latencies.append(latency_ms)
+
+    def tripped(self) -> bool:
+        """Check at most twice a second; once tripped, stays tripped."""
+        now = time.monotonic()
+        if self.reason is None and now - self.checked >= 0.5:
+            self.checked = now
+            self.reason = self.check(now - self.started)
+        return self.reason is not None
+
+    def check(self, seconds: float):
+        if self.total < GUARD_MIN_ROWS:
+            return None
+        reference = self.reference
+        base_rate = reference.errors / reference.total if reference.total else 0.0
+        bound = wilson_lower(self.errors, self.total, GUARD_CONFIDENCE)
+        if bound > base_rate + self.thresholds.max_err_delta_pct / 100:
+            return (f"guardrail: {self.errors} of {self.total} requests failed in {seconds:.0f} s "
+                    f"({100 * self.errors / self.total:.0f}%, baseline {100 * base_rate:.1f}%)")
+        if len(self.latencies) >= GUARD_MIN_ROWS and reference.ok >= GUARD_MIN_ROWS:
+            limit = GUARD_FACTOR * percentile(sorted(reference.latencies), 99)
+            median = percentile(sorted(self.latencies), 50)
+            if median > limit:
+                return (f"guardrail: median latency {median:.0f} ms after {seconds:.0f} s is over "
+                        f"{GUARD_FACTOR:g} x the baseline p99 ({limit:.0f} ms)")
+        return None
+
+
+GUARD_CONFIDENCE = 0.999
+GUARD_FACTOR = 3.0
+GUARD_MIN_ROWS = 5
+
+
+class Look:
+    """The sequential stop: a verdict every LOOK_SECONDS that may end a measurement early.
+
+    keep when every rule holds with rule 3 at sequential_alpha (valid however often one looks);
+    revert for futility when even the upper end of the improvement's interval is below the bar.
+    """
+
+    def __init__(self, base: Arm, var: Arm, thresholds: Thresholds, horizon: float, every: float):
+        self.base, self.var, self.thresholds = base, var, thresholds
+        self.horizon, self.every = horizon, every
+        self.started = time.monotonic()
+        self.next_at = self.started + every
+        self.result = None
+        self.fraction = None
+
+    def due(self) -> bool:
+        """Called from the measurement loop; True once a look has decided."""
+        now = time.monotonic()
+        if self.result is None and now >= self.next_at:
+            self.next_at = now + self.every
+            self.decide(min(1.0, (now - self.started) / self.horizon))
+        return self.result is not None
+
+    def decide(self, fraction: float):
+        """One look at `fraction` of the horizon; sets result when the verdict is already certain."""
+        result = verdict(self.base, self.var, self.thresholds, fraction=fraction)
+        if result.decision == "keep" or _futile(result, self.thresholds):
+            self.result, self.fraction = result, fraction
+        return self.result
+
+
+def _futile(result: Verdict, thresholds: Thresholds) -> bool:
+    """The improvement's interval lies wholly below the bar: no more data will make a keep."""
+    return (not result.failed_rules[:1] == ["samples"] and result.improve_ci is not None
+            and result.improve_ci[1] < thresholds.improve_pct)
+
+
+def balanced_orders(rng: random.Random, pairs: int) -> list:
+    """Which pairs run the variant first: half of them, chosen at random, so drift cancels out."""
+    first = set(rng.sample(range(pairs), pairs // 2 + (rng.random() < 0.5 if pairs % 2 else 0)))
+    return [index in first for index in range(pairs)]
+
+
 class Trial:
-    """One experiment's baseline and variants inside a run: apply, cool down, measure, decide, revert."""
+    """One experiment's variants inside a run: switch, warm up, measure, decide, revert unless kept.
+
+    Two designs.  sequential (the original flow): the baseline first, then each variant after
+    a cool-down.  switchback: per variant, BLOCKS pairs of a baseline block and a variant block
+    in random order, each after a measured warm-up, judged within blocks so drift cancels out.
+    In both, a Guard aborts a harmful variant at once and, with EARLY_STOP, a Look may end a
+    variant's measurement as soon as its verdict is certain.
+    """
 
     def __init__(self, runner: Runner, experiment: Experiment, run_id: str, run_dir: str):
         self.runner, self.experiment, self.run_id, self.run_dir = runner, experiment, run_id, run_dir
         self.settings = runner.settings
-        self.applied = None          # name of the variant applied now and not kept
-        self.baseline_arm = None
+        self.thresholds = Thresholds(self.settings)
+        self.design = experiment.design or self.settings["DESIGN"]
+        self.early_stop = self.settings["EARLY_STOP"] == "yes"
+        self.applied = None          # the variant applied now and not kept
+        self.reference = Arm()       # baseline rows the guard compares against
+        self.files = {}
 
     def seconds(self, key: str) -> float:
         value = self.experiment.seconds.get(key.lower())
         return float(value if value is not None else self.settings[key])
 
+    def log(self, message: str) -> None:
+        self.runner.log(message)
+
+    # -- the two designs --
     def run(self) -> None:
-        experiment, runner = self.experiment, self.runner
-        baseline = experiment.baseline
-        self.baseline_arm = self.measure_variant(baseline, "BASELINE_SECONDS", cooldown=False)
-        runner.save_state(metrics={"base_p50_ms": summarize(self.baseline_arm, sorted(self.baseline_arm.latencies))["p50_ms"],
-                                   "var_p50_ms": None, "base_err_pct": None, "var_err_pct": None})
-        for variant in experiment.candidates:
+        self.runner.save_state(design=self.design)
+        self.switch_to(self.experiment.baseline)
+        if self.design == "switchback":
+            self.run_switchback()
+        else:
+            self.run_sequential()
+
+    def run_sequential(self) -> None:
+        baseline = Arm()
+        self.measure("baseline", self.seconds("BASELINE_SECONDS"), baseline)
+        self.reference = baseline
+        for variant in self.experiment.candidates:
             self.runner.stop.check()
-            outcome = self.try_variant(variant)
-            runner.state["variants"].append(outcome)
-            runner.save_state()
-            if outcome["decision"] == "keep":
-                self.keep(variant["name"], outcome)
+            record = self.attempt(variant, lambda: self.sequential_variant(variant, baseline))
+            if self.record(variant, record):
                 return
 
-    def measure_variant(self, variant: dict, seconds_key: str, cooldown: bool) -> Arm:
-        """Apply (journal first), cool down and measure one variant; returns its Arm."""
+    def sequential_variant(self, variant: dict, baseline: Arm) -> dict:
         name = variant["name"]
-        command = self.experiment.apply_command(variant)
-        if command is not None:
-            self.runner.log(f"about to apply {name}: {command}")
-            self.runner.write_journal(self.experiment, name, self.run_id)
-            self.applied = name
-            self.runner.save_state(phase=f"applying {name}", current={"variant": name, "step": "applying"})
-            result = self.runner.command(f"apply {name}", command, self.experiment.path)
-            self.runner.stop.check()
-            if not result.ok:
-                raise ApplyFailed(f"apply of {name} {result.describe()}")
-        else:
-            self.runner.log(f"{name}: nothing to apply")
-        if cooldown:
-            self.wait(self.seconds("COOLDOWN_SECONDS"), name, "cooldown")
-        if name == self.experiment.baseline["name"]:
-            self.runner.clear_journal()
-            self.applied = None
-        return self.measure(name, self.seconds(seconds_key))
+        guard = Guard(baseline, self.thresholds)
+        self.switch_to(variant)
+        self.measure(f"{name}_warmup", self.seconds("COOLDOWN_SECONDS"), Arm(), guard=guard, step="cooldown")
+        if guard.reason:
+            return self.aborted(name, guard.reason)
+        arm = Arm()
+        horizon = self.seconds("EXPERIMENT_SECONDS")
+        look = Look(baseline, arm, self.thresholds, horizon, self.look_every(horizon)) if self.early_stop else None
+        self.measure(name, horizon, arm, guard=guard, look=look)
+        if guard.reason:
+            return self.aborted(name, guard.reason)
+        if look is not None and look.result is not None:
+            return self.decided(name, look.result, stopped_early=look.fraction)
+        return self.decided(name, verdict(baseline, arm, self.thresholds, fraction=1.0 if look else None))
 
-    def try_variant(self, variant: dict) -> dict:
-        """Apply, cool down, measure and decide one variant; revert unless kept.  Returns its record."""
+    def run_switchback(self) -> None:
+        blocks = int(self.experiment.blocks or self.settings["BLOCKS"])
+        seed = int(self.run_id[:15].replace("T", "")) % (2 ** 32)
+        rng = random.Random(seed)
+        self.log(f"switchback: {blocks} block pairs per variant, order seed {seed}")
+        self.measure("baseline_warmup", self.seconds("WARMUP_SECONDS"), self.reference, step="warm-up")
+        baseline = Arm()
+        for variant in self.experiment.candidates:
+            self.runner.stop.check()
+            record = self.attempt(variant, lambda: self.switchback_variant(variant, baseline, rng, blocks))
+            if self.record(variant, record):
+                return
+
+    def switchback_variant(self, variant: dict, baseline: Arm, rng: random.Random, pairs: int) -> dict:
+        name = variant["name"]
+        orders = balanced_orders(rng, pairs)
+        self.log(f"{name}: block order " + " ".join("VB" if first else "BV" for first in orders))
+        arm, strip = Arm(), []
+        block_seconds = self.seconds("EXPERIMENT_SECONDS") / pairs
+        base_seconds = self.seconds("BASELINE_SECONDS") / pairs
+        for index, variant_first in enumerate(orders):
+            block = self.next_block()
+            for is_variant in (variant_first, not variant_first):
+                if is_variant:
+                    guard = Guard(self.reference, self.thresholds)
+                    self.switch_to(variant)
+                    self.measure(f"{name}_warmup", self.seconds("WARMUP_SECONDS"), Arm(), block, guard, step="warm-up")
+                    if not guard.reason:
+                        self.measure(name, block_seconds, arm, block, guard)
+                    if guard.reason:
+                        return self.aborted(name, guard.reason, strip)
+                else:
+                    self.switch_back()
+                    self.measure("baseline_warmup", self.seconds("WARMUP_SECONDS"), self.reference, block,
+                                 step="warm-up")
+                    self.measure("baseline", base_seconds, baseline, block, reference=self.reference)
+                source = arm if is_variant else baseline
+                strip.append({"index": block, "arm": "variant" if is_variant else "baseline",
+                              "p50_ms": _round(percentile(sorted(source.only([block]).latencies), 50))})
+            if self.early_stop and index + 1 >= 3 and index + 1 < pairs:
+                result = Look(baseline, arm, self.thresholds, 1, 1).decide((index + 1) / pairs)
+                if result is not None:
+                    return self.decided(name, result, stopped_early=(index + 1) / pairs, strip=strip)
+        result = verdict(baseline, arm, self.thresholds, fraction=1.0 if self.early_stop else None)
+        return self.decided(name, result, strip=strip)
+
+    def next_block(self) -> int:
+        self.block = getattr(self, "block", 0) + 1
+        return self.block
+
+    def look_every(self, horizon: float) -> float:
+        return max(0.5, min(self.settings["LOOK_SECONDS"], horizon / 10))
+
+    # -- outcomes --
+    def attempt(self, variant: dict, body) -> dict:
+        """Run one variant's measurement; a failed apply or measurement reverts it with the reason."""
         name = variant["name"]
         try:
-            arm = self.measure_variant(variant, "EXPERIMENT_SECONDS", cooldown=True)
+            return body()
         except (ApplyFailed, MeasureFailed) as exc:
-            self.runner.log(f"{name}: {exc}; reverting")
-            self.revert()
-            return {"name": name, "decision": "revert", "reason": f"revert: {exc}", "borderline": False}
-        self.runner.save_state(phase=f"deciding {name}", current={"variant": name, "step": "deciding"})
-        result = verdict(self.baseline_arm, arm, Thresholds(self.settings))
+            self.log(f"{name}: {exc}; reverting")
+            return {"name": name, "decision": "revert", "reason": f"revert: {exc}", "borderline": False,
+                    "metrics": None}
+
+    def record(self, variant: dict, record: dict) -> bool:
+        """Store a variant's outcome; keep it applied when kept (True), else make sure it is reverted."""
+        self.runner.state["variants"].append(record)
+        if record.get("stopped_early"):
+            self.runner.state["stopped_early"] = f"{record['name']}: {record['stopped_early']}"
+        if record["decision"] == "keep":
+            self.switch_to(variant)
+            self.keep(variant["name"])
+            return True
+        self.switch_back()
+        self.runner.save_state()
+        return False
+
+    def aborted(self, name: str, reason: str, strip=None) -> dict:
+        self.log(f"{name}: {reason}; reverting at once")
+        self.switch_back()
+        return {"name": name, "decision": "revert", "reason": f"revert: {reason}", "borderline": False,
+                "metrics": None, "stopped_early": reason, "blocks": strip or []}
+
+    def decided(self, name: str, result: Verdict, stopped_early=None, strip=None) -> dict:
         summary = format_verdict(result)
         with open(os.path.join(self.run_dir, f"{name}_decision.log"), "w", encoding="utf-8") as handle:
             handle.write(summary + "\n\n" + json.dumps(result.to_json(), indent=2) + "\n")
-        self.runner.log(f"{name}: {result.reason}")
+        why = None
+        if stopped_early is not None and stopped_early < 1:
+            why = (f"{'kept' if result.decision == 'keep' else 'reverted'} at {stopped_early:.0%} of the horizon: "
+                   + ("every rule held at the sequential boundary" if result.decision == "keep"
+                      else "the improvement's interval lies below the bar"))
+            self.log(f"{name}: sequential stop, {why}")
+        self.log(f"{name}: {result.reason}")
         record = {"name": name, "decision": result.decision, "reason": result.reason,
-                  "borderline": result.borderline, "metrics": variant_metrics(result), "verdict": result.to_json()}
+                  "borderline": result.borderline, "metrics": variant_metrics(result),
+                  "verdict": result.to_json(), "stopped_early": why, "blocks": strip or []}
         self.runner.state["metrics"] = {key: record["metrics"][key] for key in
                                         ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")}
-        if result.decision != "keep":
-            self.revert()
         return record
 
-    def keep(self, name: str, record: dict) -> None:
+    def keep(self, name: str) -> None:
         kept = read_json(self.runner.home.kept, {}) or {}
         kept[self.experiment.id] = {"variant": name, "run_id": self.run_id, "kept_at": utc_now(),
                                     "revert": self.experiment.revert, "path": self.experiment.path}
@@ -1766,9 +2167,32 @@ class Trial:
         self.runner.save_state(phase=f"kept {name}")
         self.runner.clear_journal()
         self.applied = None
-        self.runner.log(f"kept {name}: it stays applied")
+        self.log(f"kept {name}: it stays applied")
 
-    def revert(self) -> None:
+    # -- switching --
+    def switch_to(self, variant: dict) -> None:
+        """Apply a variant (journal first); the baseline's apply, if any, is not journaled once done."""
+        name = variant["name"]
+        if name == self.applied:
+            return
+        is_baseline = variant is self.experiment.baseline
+        command = self.experiment.apply_command(variant)
+        if command is None:
+            self.log(f"{name}: nothing to apply")
+            return
+        self.log(f"about to apply {name}: {command}")
+        self.runner.write_journal(self.experiment, name, self.run_id)
+        self.applied = name
+        self.runner.save_state(phase=f"applying {name}", current={"variant": name, "step": "applying"})
+        result = self.runner.command(f"apply {name}", command, self.experiment.path)
+        self.runner.stop.check()
+        if not result.ok:
+            raise (WorkFailed if is_baseline else ApplyFailed)(f"apply of {name} {result.describe()}")
+        if is_baseline:
+            self.runner.clear_journal()
+            self.applied = None
+
+    def switch_back(self) -> None:
         """Run the experiment's revert for the applied variant; RevertFailed leaves the journal in place."""
         if self.applied is None:
             return
@@ -1783,65 +2207,114 @@ class Trial:
 
     def abandon(self, reason: str) -> str:
         """After a fault or a signal: revert whatever is applied; returns the full reason."""
-        if self.applied is None:
-            return reason
         name = self.applied
+        if name is None:
+            return reason
         try:
-            self.revert()
+            self.switch_back()
             return f"{reason}; {name} reverted"
         except RevertFailed as exc:
             return f"{reason}; {exc}"
         except OSError as exc:
             return f"{reason}; the revert could not be recorded ({exc})"
 
-    def wait(self, seconds: float, name: str, step: str) -> None:
-        """Sleep in short steps, so a signal is acted on within a fraction of a second."""
-        ends = time.time() + seconds
-        self.runner.save_state(phase=f"{step} {name}", current={"variant": name, "step": step,
-                                                                  "ends_at": _iso_seconds(ends)})
-        while True:
-            self.runner.stop.check()
-            left = ends - time.time()
-            if left <= 0:
-                return
-            time.sleep(min(0.2, left))
+    # -- measuring --
+    def measure(self, name: str, seconds: float, arm: Arm, block=None, guard=None, look=None,
+                step="measuring", reference=None) -> None:
+        """Measure the target for `seconds`, appending rows to RUN_DIR/NAME.csv and to arm.
 
-    def measure(self, name: str, seconds: float) -> Arm:
-        """Measure the target for `seconds` into RUN_DIR/NAME.csv (built-in prober or measure.sh)."""
+        Stops at once on a signal, a tripped guard or a look that decided; a failed measurement
+        raises MeasureFailed.  measure.sh, where present, measures instead of the built-in prober
+        (guard and looks then act between its calls, not during one).
+        """
+        if seconds <= 0:
+            return
         experiment = self.experiment
-        path = os.path.join(self.run_dir, f"{'baseline' if name == experiment.baseline['name'] else name}.csv")
+        path = os.path.join(self.run_dir, f"{name}.csv")
         ends = time.time() + seconds
-        self.runner.save_state(phase=f"measuring {name}",
-                               current={"variant": name, "step": "measuring", "ends_at": _iso_seconds(ends)})
-        self.runner.log(f"measuring {name} for {seconds:g} s -> {os.path.basename(path)}")
-        interval = experiment.interval or 1.0
+        variant = name.rsplit("_warmup", 1)[0]
+        self.runner.save_state(phase=f"{step} {variant}",
+                               current={"variant": variant, "step": step, "ends_at": _iso_seconds(ends),
+                                        "block": block})
+        self.log(f"{step} {variant} for {seconds:g} s -> {os.path.basename(path)}"
+                 + ("" if block is None else f" (block {block})"))
+
+        def on_row(latency, code, at):
+            arm.add(latency, code, block, at)
+            if reference is not None:
+                reference.add(latency, code, block, at)
+            if guard is not None:
+                guard.add(latency, code)
+
+        def should_stop():
+            return bool(self.runner.stop) or (guard is not None and guard.tripped()) or (
+                look is not None and look.due())
+
         if experiment.measure_sh:
-            env = dict(os.environ, TARGET_URL=experiment.target_url or "", DURATION=f"{seconds:g}",
-                       INTERVAL=f"{interval:g}", OUT=path)
-            result = run_command("./measure.sh", experiment.path,
-                                 seconds + self.settings["COMMAND_TIMEOUT_SECONDS"], env,
-                                 should_stop=lambda: bool(self.runner.stop))
-            self.runner.log_command(f"measure {name}", result)
-            self.runner.stop.check()
-            if not result.ok:
-                raise MeasureFailed(f"measure.sh {result.describe()}")
-            try:
-                arm = read_measurements(path)
-            except BadInput as exc:
-                raise MeasureFailed(f"measure.sh wrote a bad CSV: {exc}") from None
+            self.measure_script(path, seconds, block, on_row)
         else:
-            arm = Arm(path)
             spec = experiment.measure
             shape = {"concurrency": spec.get("concurrency"), "rate": spec.get("rate"),
                      "timeout": spec.get("timeout"), "max_in_flight": spec.get("max_in_flight")}
             if not shape["concurrency"] and not shape["rate"]:
-                shape["interval"] = interval
-            result = measure_url(experiment.target_url, seconds, path, method=spec.get("method", "GET"),
-                                 headers=spec.get("headers", []), insecure=bool(spec.get("insecure")),
-                                 on_row=arm.add, should_stop=lambda: bool(self.runner.stop), **shape)
-            self.runner.stop.check()
-            self.runner.log(f"measured {name}: {result.rows} requests, {result.errors} errors")
-        return arm
+                shape["interval"] = experiment.interval or 1.0
+            target = Target(experiment.target_url, spec.get("method", "GET"), spec.get("headers", []),
+                            bool(spec.get("insecure")))
+            with self.csv_file(path) as handle:
+                result = Prober(target, seconds, handle, on_row=on_row, should_stop=should_stop, block=block,
+                                **{k: v for k, v in shape.items() if v is not None}).run()
+            self.log(f"measured {variant}: {result.rows} requests, {result.errors} errors"
+                     + (", stopped early" if result.stopped_early else ""))
+        self.runner.stop.check()
+        if guard is not None:
+            guard.tripped()
+
+    def csv_file(self, path: str):
+        """A measurement CSV opened for appending (blocks add to it); the header written once."""
+        handle = open(path, "a", encoding="utf-8", newline="")
+        if handle.tell() == 0:
+            handle.write("timestamp,latency_ms,response_code" + (",block" if self.design == "switchback" else "")
+                         + "\n")
+        return handle
+
+    def measure_script(self, path: str, seconds: float, block, on_row) -> None:
+        """Run measure.sh into a scratch CSV, check it, and append its rows (with the block)."""
+        experiment = self.experiment
+        scratch = path + ".part"
+        env = dict(os.environ, TARGET_URL=experiment.target_url or "", DURATION=f"{seconds:g}",
+                   INTERVAL=f"{experiment.interval or 1.0:g}", OUT=scratch)
+        result = run_command("./measure.sh", experiment.path, seconds + self.settings["COMMAND_TIMEOUT_SECONDS"],
+                             env, should_stop=lambda: bool(self.runner.stop))
+        self.runner.log_command("measure.sh", result)
+        self.runner.stop.check()
+        if not result.ok:
+            raise MeasureFailed(f"measure.sh {result.describe()}")
+        try:
+            rows = list(_csv_rows(scratch))
+        except BadInput as exc:
+            raise MeasureFailed(f"measure.sh wrote a bad CSV: {exc}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(scratch)
+        suffix = "" if block is None else f",{block}"
+        with self.csv_file(path) as handle:
+            for stamp, latency, code in rows:
+                handle.write(f"{stamp},{latency:.3f},{code}{suffix}\n")
+                on_row(latency, code, _epoch(stamp))
+
+
+def _csv_rows(path: str):
+    """(timestamp, latency_ms, code) of each row of a measurement CSV, checked as read_measurements does."""
+    read_measurements(path)
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        for number, line in enumerate(handle, 1):
+            if (number == 1 and _HEADER.match(line)) or not line.strip():
+                continue
+            try:
+                latency, code, _ = _parse_row(line)
+            except ValueError:
+                continue
+            yield line.split(",")[0].strip(), latency, code
 
 
 def variant_metrics(result: Verdict) -> dict:
@@ -2060,7 +2533,7 @@ def write_demo_experiment(home: str, url: str, seconds: float) -> str:
     os.makedirs(os.path.join(home, "target"), exist_ok=True)
     mode = "../../target/mode"
     write_atomic(os.path.join(home, "target", "mode"), "plain\n")
-    phase = max(2.0, seconds / 5)
+    arm_seconds = max(3.0, seconds / 10)
     meta = {
         "id": "001_demo_cache",
         "description": "Does a response cache make the demo site faster?",
@@ -2072,10 +2545,13 @@ def write_demo_experiment(home: str, url: str, seconds: float) -> str:
         ],
         "revert": f"echo plain > {mode}",
         "target_url": url,
-        "baseline_seconds": round(phase, 1),
-        "experiment_seconds": round(phase, 1),
-        "cooldown_seconds": round(min(2.0, phase / 5), 1),
-        "measure": {"rate": 25, "timeout": 2},
+        "design": "switchback",
+        "blocks": 6,
+        "baseline_seconds": round(arm_seconds, 1),
+        "experiment_seconds": round(arm_seconds, 1),
+        "warmup_seconds": 0.5,
+        "cooldown_seconds": 1,
+        "measure": {"rate": 40, "timeout": 2},
     }
     write_json(os.path.join(folder, "meta.json"), meta)
     return folder

@@ -27,6 +27,12 @@ DOCUMENTED_DEFAULTS = {
     "PHONE_HOME": "borderline",
     "PHONE_HOME_URL": "",
     "PHONE_HOME_TOKEN": "",
+    # Added by the switchback/guardrail/sequential-stop issue (documented in README.md).
+    "DESIGN": "switchback",
+    "BLOCKS": 6,
+    "WARMUP_SECONDS": 10,
+    "EARLY_STOP": "yes",
+    "LOOK_SECONDS": 5,
 }
 
 # For every key, values that must be refused (exit 2 naming the key).
