@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import html
+import http.client
 import http.server
 import json
 import math
@@ -40,7 +41,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from datetime import datetime, timezone
 from itertools import compress, count, islice, repeat
 import statistics
@@ -146,6 +149,7 @@ SETTINGS = {
     "PHONE_HOME": ("borderline", _choice("never", "borderline", "always"), "when to ask the coach"),
     "PHONE_HOME_URL": ("", _url_or_empty(), "coach endpoint"),
     "PHONE_HOME_TOKEN": ("", _text(), "coach bearer token"),
+    "PHONE_HOME_MODEL": ("llama3.2", _text(), "model name for an Ollama-style local coach"),
 }
 
 _CONF_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
@@ -1825,6 +1829,10 @@ class Runner:
             record = kept[experiment.id]
             print(f"{experiment.id}: settled, {record.get('variant')} kept in run {record.get('run_id')}; "
                   f"nothing to try (revert it to reopen the experiment)", file=self.out)
+            state = read_json(self.home.state)
+            if isinstance(state, dict):
+                state["checked_at"] = utc_now()      # the timer ran: the dashboard must not call it stale
+                write_json(self.home.state, state)
             return "done"
         run_id, run_dir = self.home.new_run_dir()
         self.log_handle = open(os.path.join(run_dir, "run.log"), "a", encoding="utf-8")
@@ -1833,7 +1841,7 @@ class Runner:
             "kept_variant": None, "metrics": None, "status": "running", "phase": "starting",
             "started_at": utc_now(), "finished_at": None, "host": socket.gethostname(),
             "version": __version__, "design": None, "variants": [], "current": None, "reason": None,
-            "stopped_early": None,
+            "stopped_early": None, "defined_variants": [v["name"] for v in experiment.variants], "coach": None,
         }
         trial = Trial(self, experiment, run_id, run_dir)
         try:
@@ -1853,6 +1861,7 @@ class Runner:
             self.log(f"run {run_id} {status}: {reason}")
         try:
             self.finish(status, None if status == "done" else reason)
+            self.ask_coach()
             self.hook("post-run", run_id)
         except OSError as exc:
             status = "failed"
@@ -1882,9 +1891,26 @@ class Runner:
         publish_dashboard(self.home)
         self.log(f"finished: status {status}, kept {self.state['kept_variant'] or 'nothing'}")
 
+    def ask_coach(self) -> None:
+        """Phone home when PHONE_HOME says so; a coach that fails is logged, never fatal."""
+        if not wants_coach(self.state, self.settings):
+            return
+        self.log(f"asking the coach {_public_url(self.settings['PHONE_HOME_URL'])}")
+        try:
+            advice = phone_home(self.state, self.settings)
+        except SmartError as exc:
+            self.log(f"coach: {exc}")
+            self.save_state(coach={"advice": None, "error": str(exc), "at": utc_now(),
+                                   "coach": _public_url(self.settings["PHONE_HOME_URL"])})
+            return
+        self.log(f"coach advice (shown, never executed): {advice['advice']!r}; next_variant "
+                 f"{advice['next_variant']}; confidence {advice['confidence']}")
+        self.save_state(coach=advice)
+        publish_dashboard(self.home)
+
     def _append_history(self, state: dict) -> None:
         entry = {key: state.get(key) for key in ("run_id", "experiment", "status", "kept_variant", "metrics",
-                                                 "started_at", "finished_at", "reason", "design")}
+                                                 "started_at", "finished_at", "reason", "design", "stopped_early")}
         entry["variants"] = [{key: v.get(key) for key in ("name", "decision", "reason", "borderline", "metrics")}
                              for v in state.get("variants", [])]
         with open(self.home.history, "a", encoding="utf-8") as handle:
@@ -2342,20 +2368,167 @@ def _iso_seconds(epoch: float) -> str:
 
 ###### State and dashboard ######
 
-def publish_dashboard(home: Home, history_runs: int = 200) -> None:
-    """Publish var/history.json (the last runs of history.jsonl) for the dashboard, atomically."""
-    runs = []
+def _history(home: Home):
+    """The entries of var/history.jsonl, oldest first; a damaged line is passed over."""
     try:
         with open(home.history, encoding="utf-8") as handle:
             for line in handle:
                 with contextlib.suppress(ValueError):
                     entry = json.loads(line)
                     if isinstance(entry, dict):
-                        runs.append(entry)
-                        del runs[:-history_runs]
+                        yield entry
     except FileNotFoundError:
-        pass
-    write_json(os.path.join(home.var, "history.json"), {"runs": runs, "updated_at": utc_now()})
+        return
+
+
+def publish_dashboard(home: Home, history_runs: int = 200) -> None:
+    """Publish var/history.json (the last runs of history.jsonl) for the dashboard, atomically."""
+    runs = collections.deque(_history(home), maxlen=history_runs)
+    write_json(os.path.join(home.var, "history.json"), {"runs": list(runs), "updated_at": utc_now()})
+
+
+###### Phone home: advice from a coach, never a command ######
+
+COACH_REPLY_LIMIT = 64 * 1024     # bytes of a reply read at most; a larger reply is ignored
+COACH_ADVICE_LIMIT = 2000         # characters of advice kept
+COACH_ATTEMPTS = 3
+COACH_ATTEMPT_SECONDS = 10.0
+OLLAMA_PATHS = ("/api/generate", "/api/chat")
+
+
+class CoachError(WorkFailed):
+    """The coach could not be reached or gave no usable reply (a run goes on regardless)."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None      # a redirect would carry the bearer token to wherever it points
+
+
+def _public_url(url: str) -> str:
+    """The URL without any user:password part, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def coach_prompt(state: dict) -> str:
+    """A short prompt for a local model, built from the run's figures."""
+    lines = [f"A web server tuning agent ran experiment {state.get('experiment')} "
+             f"({state.get('description') or 'no description'}). Variants tried:"]
+    for variant in state.get("variants", []):
+        metrics = variant.get("metrics") or {}
+        lines.append(f"- {variant.get('name')}: {variant.get('decision')}; p50 {metrics.get('base_p50_ms')} -> "
+                     f"{metrics.get('var_p50_ms')} ms; improvement {metrics.get('improve_pct')}% "
+                     f"(interval {metrics.get('improve_ci')}); reason: {variant.get('reason')}")
+    lines.append(f"Defined variants: {', '.join(state.get('defined_variants') or [])}.")
+    lines.append('Reply with one JSON object only: {"advice": "<one or two sentences>", '
+                 '"next_variant": "<a defined variant or null>", "confidence": <0..1>}.')
+    return "\n".join(lines)
+
+
+def phone_home(state: dict, settings: dict, clock=time.monotonic, sleep=time.sleep) -> dict:
+    """POST the run's state to the coach and return its advice, validated; CoachError when there is none.
+
+    Retries connection errors and 5xx (never 4xx) with backoff, all within COMMAND_TIMEOUT_SECONDS.
+    An Ollama-style URL (/api/generate, /api/chat) gets a prompt and its model's reply is parsed.
+    """
+    url = settings["PHONE_HOME_URL"]
+    if not url:
+        raise BadInput("PHONE_HOME_URL is not set; put the coach's URL in smart.conf")
+    public = _public_url(url)
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if url.startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
+        warn(f"phoning home over plain http to {host}: the token and the state travel unencrypted")
+    path = urllib.parse.urlsplit(url).path.rstrip("/")
+    ollama = path.endswith(OLLAMA_PATHS)
+    if ollama:
+        prompt = coach_prompt(state)
+        model = settings.get("PHONE_HOME_MODEL") or "llama3.2"
+        body = ({"model": model, "prompt": prompt, "stream": False, "format": "json"} if path.endswith("generate")
+                else {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
+                      "format": "json"})
+    else:
+        body = {"run_id": state.get("run_id"), "state": state, "server_id": socket.gethostname()}
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "Accept": "application/json"}
+    if settings["PHONE_HOME_TOKEN"]:
+        headers["Authorization"] = f"Bearer {settings['PHONE_HOME_TOKEN']}"
+    data = json.dumps(body).encode()
+    opener = urllib.request.build_opener(_NoRedirect)
+    deadline = clock() + settings["COMMAND_TIMEOUT_SECONDS"]
+    problem = "no attempt made"
+    for attempt in range(1, COACH_ATTEMPTS + 1):
+        left = deadline - clock()
+        if left <= 0:
+            break
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with opener.open(request, timeout=left if ollama else min(COACH_ATTEMPT_SECONDS, left)) as response:
+                raw = response.read(COACH_REPLY_LIMIT + 1)
+            if len(raw) > COACH_REPLY_LIMIT:
+                raise CoachError(f"coach {public}: reply larger than {COACH_REPLY_LIMIT // 1024} KiB, ignored")
+            return parse_coach_reply(raw, state, public, ollama)
+        except urllib.error.HTTPError as exc:
+            problem = f"HTTP {exc.code}"
+            if exc.code < 500:
+                raise CoachError(f"coach {public} answered {problem}; not retried") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            problem = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
+        if attempt < COACH_ATTEMPTS:
+            sleep(max(0.0, min(2.0 ** (attempt - 1), deadline - clock())))
+    raise CoachError(f"coach {public} unreachable after {attempt} attempts ({problem})")
+
+
+def parse_coach_reply(raw: bytes, state: dict, public: str, ollama: bool) -> dict:
+    """Validate a coach's reply: advice as capped text, confidence in [0, 1], a defined next_variant."""
+    try:
+        reply = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CoachError(f"coach {public}: the reply is not JSON") from None
+    if ollama:
+        text = (reply.get("response") if isinstance(reply, dict) else None)
+        if text is None and isinstance(reply, dict) and isinstance(reply.get("message"), dict):
+            text = reply["message"].get("content")
+        if not isinstance(text, str):
+            raise CoachError(f"coach {public}: no model response in the reply")
+        try:
+            reply = json.loads(text)
+        except ValueError:
+            reply = {"advice": text}
+    if not isinstance(reply, dict):
+        raise CoachError(f"coach {public}: the reply is not a JSON object")
+    advice = {"advice": None, "next_variant": None, "confidence": None, "coach": public, "at": utc_now()}
+    dropped = sorted(set(reply) - {"advice", "next_variant", "confidence"})
+    text = reply.get("advice")
+    if isinstance(text, str):
+        advice["advice"] = text[:COACH_ADVICE_LIMIT]
+    elif text is not None:
+        dropped.append("advice (not text)")
+    confidence = reply.get("confidence")
+    if isinstance(confidence, (int, float)) and not isinstance(confidence, bool) and 0 <= confidence <= 1:
+        advice["confidence"] = float(confidence)
+    elif confidence is not None:
+        dropped.append("confidence (not a number from 0 to 1)")
+    name = reply.get("next_variant")
+    if isinstance(name, str) and name in (state.get("defined_variants") or []):
+        advice["next_variant"] = name
+    elif name is not None:
+        dropped.append("next_variant (not a variant of this experiment)")
+    if dropped:
+        warn(f"coach {public}: ignored " + ", ".join(str(item)[:60] for item in dropped))
+    if advice["advice"] is None and advice["next_variant"] is None:
+        raise CoachError(f"coach {public}: the reply has no advice")
+    return advice
+
+
+def wants_coach(state: dict, settings: dict) -> bool:
+    """PHONE_HOME=always, or borderline with a borderline verdict in the run; never without a URL."""
+    if not settings["PHONE_HOME_URL"] or settings["PHONE_HOME"] == "never":
+        return False
+    return settings["PHONE_HOME"] == "always" or any(v.get("borderline") for v in state.get("variants", []))
 
 
 ###### Serve: the dashboard over HTTP ######
@@ -2479,12 +2652,15 @@ class DemoTarget(http.server.ThreadingHTTPServer):
     """A small web app whose speed depends on the word in its mode file.
 
     plain: each page waits 20 ms on a simulated backend; cached: pages come from memory;
-    slow: 45 ms; broken: like plain, and one request in four fails with 503.  The demo's
-    variants switch modes by writing that file, as a real experiment edits a config.
+    slow: 45 ms; broken: like plain, and one request in four fails with 503; failing: one in
+    two fails; stalled: every page takes a second.  The demo's variants switch modes by writing
+    that file, as a real experiment edits a config.
     """
 
     daemon_threads = True
-    DELAYS = {"plain": 0.020, "cached": 0.0, "slow": 0.045, "broken": 0.020}
+    # mode: (seconds each page waits, every how many requests one fails with 503, 0 = none)
+    MODES = {"plain": (0.020, 0), "cached": (0.0, 0), "slow": (0.045, 0), "broken": (0.020, 4),
+             "failing": (0.020, 2), "stalled": (1.0, 0)}
 
     def __init__(self, mode_path: str, port: int = 0):
         self.mode_path = mode_path
@@ -2497,19 +2673,19 @@ class DemoTarget(http.server.ThreadingHTTPServer):
                 word = handle.read().strip()
         except OSError:
             word = "plain"
-        return word if word in self.DELAYS else "plain"
+        return word if word in self.MODES else "plain"
 
     def _handler(self):
         server = self
 
         class Handler(_QuietHandler):
             def do_GET(self):
-                mode = server.mode()
+                delay, fail_every = server.MODES[server.mode()]
                 server.count += 1
-                if mode == "broken" and server.count % 4 == 0:
+                if fail_every and server.count % fail_every == 0:
                     self.send_body(503, b"backend unavailable\n")
                     return
-                time.sleep(server.DELAYS[mode])
+                time.sleep(delay)
                 self.send_body(200, b"<html><body>hello from the demo target</body></html>\n",
                                "text/html; charset=utf-8")
 
@@ -2692,6 +2868,25 @@ def cmd_serve(args, settings) -> int:
     return serve_dashboard(home, args.bind, args.port)
 
 
+def cmd_phone_home(args, settings) -> int:
+    """phone-home [RUN_ID]: send a run's result (the latest by default) to the coach; print its advice."""
+    home = Home(args.home)
+    state = read_json(home.state)
+    if args.run_id and (not isinstance(state, dict) or state.get("run_id") != args.run_id):
+        state = next((entry for entry in _history(home) if entry.get("run_id") == args.run_id), None)
+    if not isinstance(state, dict) or not state.get("run_id"):
+        raise BadInput(f"no run {args.run_id or ''} to send: {home.state} and {home.history} have none".replace("  ", " "))
+    advice = phone_home(state, settings)
+    print(f"coach {advice['coach']}: {advice['advice']}")
+    if advice["next_variant"] or advice["confidence"] is not None:
+        print(f"next_variant {advice['next_variant']}; confidence {advice['confidence']}")
+    if state is read_json(home.state) or (read_json(home.state) or {}).get("run_id") == state.get("run_id"):
+        current = read_json(home.state)
+        current["coach"] = advice
+        write_json(home.state, current)
+    return 0
+
+
 def cmd_decide(args, settings) -> int:
     """decide BASELINE.csv VARIANT.csv: keep/revert on stdout, the figures on stderr."""
     result = decide_files(args.baseline, args.variant, Thresholds(settings))
@@ -2757,7 +2952,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", cmd_serve, "serve the dashboard, state and run logs over HTTP")
     serve.add_argument("--bind", default="127.0.0.1", help="address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    phone = command("phone-home", _not_built("the phone-home issue"), "send a run's result to the coach")
+    phone = command("phone-home", cmd_phone_home, "send a run's result to the coach")
     phone.add_argument("run_id", nargs="?")
     demo = command("demo", cmd_demo, "a complete experiment against a built-in server, then the dashboard")
     demo.add_argument("--seconds", type=float, default=60.0, metavar="S",

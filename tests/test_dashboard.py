@@ -1,0 +1,434 @@
+"""The dashboard: www/index.html in a real headless Chromium, and the routes of smart.make_dashboard_server.
+
+Browser tests need chromium (skipped without it, except under CI=true where they fail); the server
+tests use plain HTTP.  Each test gets its own temporary home and a server on a free port.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import unittest
+from datetime import datetime, timedelta, timezone
+
+from helpers import REPO_ROOT, import_smart
+
+smart = import_smart()
+
+INDEX = os.path.join(REPO_ROOT, "www", "index.html")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_TIMEOUT = 60
+HOSTILE = '<img src=x onerror="document.body.dataset.pwned=1"><script>document.body.dataset.pwned=2</script>'
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def variant(name, decision, base_p50, var_p50, improve, ci, p_value, reason, borderline=False, var_errors=0):
+    """A state.json variant entry shaped like Trial.try_variant's record."""
+    metrics = {"base_n": 300, "base_errors": 1, "base_p50_ms": base_p50, "base_p90_ms": 22.9, "base_p99_ms": 61.0,
+               "base_err_pct": 0.333, "var_n": 300, "var_errors": var_errors, "var_p50_ms": var_p50,
+               "var_p90_ms": 20.5, "var_p99_ms": 41.9, "var_err_pct": round(var_errors / 3, 3),
+               "improve_pct": improve, "improve_ci": ci, "p_value": p_value,
+               "err_delta_pct": round(var_errors / 3 - 0.333, 3), "p99_regress_pct": -31.4}
+    return {"name": name, "decision": decision, "reason": reason, "borderline": borderline, "metrics": metrics,
+            "verdict": {"decision": decision, "reason": reason, "borderline": borderline, "confidence": 0.99}}
+
+
+def crafted_state(now: datetime, **changes) -> dict:
+    """A finished run of three variants, the last one kept, updated a minute ago."""
+    state = {
+        "run_id": "20261127T210947", "experiment": "007_open_file_cache",
+        "description": "open_file_cache for static assets and PHP includes",
+        "kept_variant": "ofc_10000_valid_120s",
+        "metrics": {"base_p50_ms": 17.834, "var_p50_ms": 14.912, "base_err_pct": 0.333, "var_err_pct": 0.0},
+        "status": "done", "phase": "finished", "started_at": iso(now - timedelta(minutes=24)),
+        "finished_at": iso(now - timedelta(minutes=1)), "host": "web-1", "version": smart.__version__,
+        "design": "sequential", "current": None, "reason": None, "updated_at": iso(now - timedelta(minutes=1)),
+        "variants": [
+            variant("ofc_1000", "revert", 17.834, 16.671, 6.521, [1.4, 11.2], 0.0045,
+                    "revert: p50 improved only 6.5% (needs a 10% improvement)"),
+            variant("ofc_10000", "revert", 17.834, 16.229, 9.0, [4.5, 13.4], 1.6e-6,
+                    "revert: p50 improved only 9.0% (needs a 10% improvement)", borderline=True, var_errors=1),
+            variant("ofc_10000_valid_120s", "keep", 17.834, 14.912, 16.384, [12.2, 20.4], 3.0e-18,
+                    "keep: p50 improved 16.4% (needs 10%), significant (p=3e-18); errors -0.33 points, p99 -31.4%"),
+        ],
+    }
+    state.update(changes)
+    return state
+
+
+def crafted_history(now: datetime, runs: int = 20) -> dict:
+    """history.json: one run every 30 minutes, a kept variant every seventh run."""
+    entries = []
+    for index in range(runs):
+        started = now - timedelta(minutes=30 * (runs - index))
+        kept = "variant_%d" % index if index % 7 == 3 else None
+        entries.append({"run_id": started.strftime("%Y%m%dT%H%M%S"), "experiment": "00%d_exp" % (index % 5),
+                        "status": "done", "kept_variant": kept, "started_at": iso(started),
+                        "finished_at": iso(started + timedelta(minutes=17)), "reason": None, "design": "sequential",
+                        "metrics": {"base_p50_ms": 46.0 - index, "var_p50_ms": 44.0 - index,
+                                    "base_err_pct": 0.0, "var_err_pct": 0.0}, "variants": []})
+    return {"runs": entries, "updated_at": iso(now)}
+
+
+class Dom(html.parser.HTMLParser):
+    """A serialized DOM: its tags, the visible text, and the text inside each element that has an id."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self, markup: str):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.text, self.by_id, self.open = [], [], {}, []
+        self.feed(markup)
+        self.close()
+        self.visible = " ".join(" ".join(self.text).split())
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag in self.VOID:
+            return
+        quiet = tag in ("script", "style", "title") or "hidden" in attrs
+        self.open.append((tag, attrs.get("id"), quiet))
+        if attrs.get("id"):
+            self.by_id.setdefault(attrs["id"], [])
+
+    def handle_endtag(self, tag):
+        while self.open:
+            if self.open.pop()[0] == tag:
+                break
+
+    def handle_data(self, data):
+        if not any(quiet for _, _, quiet in self.open):
+            self.text.append(data)
+        for _, element_id, _ in self.open:
+            if element_id:
+                self.by_id[element_id].append(data)
+
+    def text_of(self, element_id: str) -> str:
+        return " ".join("".join(self.by_id.get(element_id, [])).split())
+
+    def attrs_of(self, element_id: str) -> dict:
+        return next((attrs for _, attrs in self.tags if attrs.get("id") == element_id), {})
+
+
+class HomeServer:
+    """A temporary home with a var/ and smart's dashboard server on a free port (torn down by cleanups)."""
+
+    def __init__(self, test: unittest.TestCase, state=None, history=None, raw_state: str | None = None):
+        self.root = tempfile.mkdtemp(prefix="smart-dash-")
+        test.addCleanup(shutil.rmtree, self.root, True)
+        self.home = smart.Home(self.root)
+        os.makedirs(self.home.runs)
+        if raw_state is not None:
+            with open(self.home.state, "w", encoding="utf-8") as handle:
+                handle.write(raw_state)
+        elif state is not None:
+            smart.write_json(self.home.state, state)
+        if history is not None:
+            smart.write_json(os.path.join(self.home.var, "history.json"), history)
+        self.server = smart.make_dashboard_server(self.home, "127.0.0.1", 0)
+        thread = threading.Thread(target=self.server.serve_forever, name="dashboard", daemon=True)
+        thread.start()
+        test.addCleanup(thread.join, 10)
+        test.addCleanup(self.server.server_close)
+        test.addCleanup(self.server.shutdown)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def get(self, raw_path: str, method: str = "GET"):
+        """(status, headers, body) for a path sent exactly as written (no client-side normalization)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, raw_path)
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+
+class PageSourceTests(unittest.TestCase):
+    """What can be checked on the file itself."""
+
+    def setUp(self):
+        with open(INDEX, encoding="utf-8") as handle:
+            self.source = handle.read()
+
+    def test_no_external_asset(self):
+        self.assertNotRegex(self.source, r'(?i)(src|href)\s*=\s*["\']?(https?:)?//')
+        self.assertNotRegex(self.source, r"(?i)@import|url\(")
+        self.assertNotRegex(self.source, r'fetch\(\s*["\'`](/|https?:)')   # relative URLs only
+
+    def test_no_html_sinks(self):
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+            self.assertFalse(sink in self.source, f"www/index.html uses {sink}")
+
+    def test_fetches_state_and_history_uncached(self):
+        self.assertIn('getJSON("state.json")', self.source)
+        self.assertIn('getJSON("history.json")', self.source)
+        self.assertIn('cache: "no-store"', self.source)
+
+
+class BrowserTests(unittest.TestCase):
+    """The page as a real browser renders it (headless Chromium, --dump-dom)."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not CHROMIUM:
+            if os.environ.get("CI") == "true":
+                raise AssertionError("chromium is missing and CI=true: the dashboard tests cannot be skipped")
+            raise unittest.SkipTest("chromium is not installed")
+
+    def render(self, **home) -> tuple[str, Dom]:
+        """Serve a home and return the DOM Chromium ends with (raw markup and parsed)."""
+        site = HomeServer(self, **home)
+        profile = tempfile.mkdtemp(prefix="smart-chromium-")
+        self.addCleanup(shutil.rmtree, profile, True)
+        command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", site.url]
+        browser = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+        self.addCleanup(self._kill, browser)
+        try:
+            out, err = browser.communicate(timeout=BROWSER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.fail(f"chromium did not finish within {BROWSER_TIMEOUT} s")
+        markup = out.decode("utf-8", "replace")
+        self.assertIn("<main>", markup, f"chromium dumped no page; stderr:\n{err.decode(errors='replace')[-2000:]}")
+        return markup, Dom(markup)
+
+    @staticmethod
+    def _kill(browser: subprocess.Popen):
+        if browser.poll() is None:
+            try:
+                os.killpg(browser.pid, signal.SIGKILL)    # its own session: the wrapper and its children
+            except ProcessLookupError:
+                pass
+            browser.wait()
+        for stream in (browser.stdout, browser.stderr):
+            stream.close()
+
+    def test_shows_the_figures_of_the_state(self):
+        now = datetime.now(timezone.utc)
+        _, dom = self.render(state=crafted_state(now), history=crafted_history(now))
+        run = dom.text_of("run-body")
+        self.assertIn("007_open_file_cache", run)
+        self.assertIn("kept ofc_10000_valid_120s", run)
+        self.assertIn("17.8 ms", run)                      # baseline p50
+        self.assertIn("14.9 ms", run)                      # kept variant's p50
+        self.assertIn("+16.4%", run)                       # improvement ...
+        self.assertIn("12.2 … 20.4%", run)                 # ... with its interval
+        self.assertIn("borderline", dom.text_of("variants-body"))
+        for name in ("ofc_1000", "ofc_10000", "ofc_10000_valid_120s"):
+            self.assertIn(name, dom.text_of("variants-body"))
+        self.assertEqual(dom.text_of("status-pill"), "done")
+        self.assertIn("hidden", dom.attrs_of("banner"))    # fresh: no warning
+        self.assertIn("hidden", dom.attrs_of("coach"))     # no coach in this state
+        hrefs = {attrs.get("href") for tag, attrs in dom.tags if tag == "a"}
+        self.assertIn("runs/20261127T210947/", hrefs)
+        self.assertIn("runs/20261127T210947/ofc_10000_decision.log", hrefs)
+        history = crafted_history(now)["runs"]
+        self.assertIn(f"runs/{history[-1]['run_id']}/", hrefs)
+        # the chart: one mark per run, the runs that kept a variant as diamonds
+        marks = [tag for tag, _ in dom.tags if tag in ("circle", "polygon")]
+        self.assertEqual(len(marks), 20)
+        self.assertEqual(marks.count("polygon"), sum(1 for r in history if r["kept_variant"]))
+
+    def test_hostile_strings_stay_text(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, description=HOSTILE, coach={
+            "advice": HOSTILE, "next_variant": HOSTILE, "confidence": 0.8, "coach": HOSTILE, "at": iso(now)})
+        state["variants"][0]["reason"] = "revert: " + HOSTILE
+        state["variants"][1]["name"] = '"><img src=x onerror=alert(1)>'
+        state["variants"][1]["stopped_early"] = HOSTILE
+        state["variants"][1]["blocks"] = [{"index": HOSTILE, "arm": HOSTILE, "p50_ms": 12.5}]
+        history = crafted_history(now)
+        history["runs"][-1].update(experiment=HOSTILE, run_id='x"><script>alert(1)</script>', kept_variant=HOSTILE)
+        markup, dom = self.render(state=state, history=history)
+        self.assertTrue("&lt;img" in markup, "the hostile <img> is not in the DOM as escaped text")
+        self.assertTrue("&lt;script&gt;" in markup, "the hostile <script> is not in the DOM as escaped text")
+        self.assertFalse('<img src="x"' in markup, "a hostile string became an <img> element")
+        self.assertFalse("data-pwned=" in markup, "a hostile string ran script")
+        self.assertEqual([tag for tag, _ in dom.tags if tag == "img"], [])
+        self.assertEqual(len([tag for tag, _ in dom.tags if tag == "script"]), 1)     # the page's own
+        self.assertIn('revert: <img src=x onerror="document.body.dataset.pwned=1">', dom.text_of("variants-body"))
+        self.assertIn("<script>document.body.dataset.pwned=2</script>", dom.text_of("coach-body"))
+        self.assertNotIn("hidden", dom.attrs_of("coach"))
+
+    def test_stale_state_warns(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, updated_at=iso(now - timedelta(hours=2)))
+        _, dom = self.render(state=state, history=crafted_history(now))
+        self.assertNotIn("hidden", dom.attrs_of("banner"))
+        self.assertIn("Stale", dom.text_of("banner"))
+        self.assertIn("2 h", dom.text_of("banner"))
+
+    def test_a_recent_check_is_not_stale(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, updated_at=iso(now - timedelta(hours=2)), checked_at=iso(now - timedelta(minutes=3)))
+        _, dom = self.render(state=state)
+        self.assertIn("hidden", dom.attrs_of("banner"))
+
+    def test_running_state_shows_the_variant_under_test(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, status="running", phase="measuring ofc_10000_valid_120s", kept_variant=None,
+                              finished_at=None, updated_at=iso(now),
+                              current={"variant": "ofc_10000_valid_120s", "step": "measuring", "block": 3,
+                                       "ends_at": iso(now + timedelta(minutes=4))})
+        state["variants"] = state["variants"][:2]
+        _, dom = self.render(state=state, history=crafted_history(now))
+        text = dom.text_of("now-body")
+        self.assertIn("ofc_10000_valid_120s · measuring (block 3)", text)
+        self.assertRegex(dom.text_of("time-left"), r"^[34]:\d\d$")
+        self.assertIn("nothing kept yet", dom.text_of("run-body"))
+        self.assertIn("hidden", dom.attrs_of("banner"))
+
+    def test_running_state_that_went_silent_warns(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, status="running", updated_at=iso(now - timedelta(hours=1)),
+                              current={"variant": "ofc_1000", "step": "measuring",
+                                       "ends_at": iso(now - timedelta(minutes=55))})
+        _, dom = self.render(state=state)
+        self.assertIn("Stale", dom.text_of("banner"))
+        self.assertIn("recover", dom.text_of("banner"))
+
+    def test_coach_blocks_and_early_stop_render_when_present(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, stopped_early="the error rate passed 5% in block 3", coach={
+            "advice": "Leave open_file_cache as it is.", "next_variant": "workers_auto", "confidence": 0.85,
+            "coach": "coach.example.net", "at": iso(now)})
+        state["variants"][1]["blocks"] = [{"index": i, "arm": ("baseline", "variant")[i % 2], "p50_ms": 17.5 + i}
+                                          for i in range(6)]
+        _, dom = self.render(state=state)
+        coach = dom.text_of("coach-body")
+        self.assertIn("Leave open_file_cache as it is.", coach)
+        self.assertIn("workers_auto", coach)
+        self.assertIn("85%", coach)
+        blocks = [attrs for tag, attrs in dom.tags if "block" in (attrs.get("class") or "").split()]
+        self.assertEqual([b["class"] for b in blocks], ["block baseline", "block variant"] * 3)
+        self.assertIn("22.5", dom.text_of("variants-body"))
+        self.assertIn("stopped early: the error rate passed 5% in block 3", dom.text_of("run-body"))
+
+    def test_odd_shapes_do_not_blank_the_page(self):
+        now = datetime.now(timezone.utc)
+        state = {"status": "done", "kept_variant": None, "updated_at": iso(now), "current": 7, "coach": "text",
+                 "metrics": "n/a", "variants": [{"name": 5, "metrics": {"improve_ci": "x", "p_value": "1",
+                                                                        "base_p50_ms": None}}, "junk", None]}
+        history = {"runs": [{"run_id": 1, "metrics": {"base_p50_ms": "12"}}, "junk", {"started_at": 5}]}
+        _, dom = self.render(state=state, history=history)
+        self.assertEqual(dom.text_of("status-pill"), "done")
+        self.assertIn("hidden", dom.attrs_of("banner"))
+        self.assertIn("nothing kept", dom.text_of("run-body"))
+        self.assertIn("5", dom.text_of("variants-body"))
+
+    def test_missing_state_says_no_data_yet(self):
+        _, dom = self.render()
+        self.assertNotIn("hidden", dom.attrs_of("banner"))
+        self.assertIn("no data yet", dom.text_of("banner").lower())
+
+    def test_invalid_state_warns(self):
+        _, dom = self.render(raw_state='{"run_id": "20261127T2109')
+        self.assertIn("not valid JSON", dom.text_of("banner"))
+        self.assertEqual(dom.attrs_of("banner").get("data-kind"), "error")
+
+
+class ServerTests(unittest.TestCase):
+    """smart's dashboard server: what it serves, with which headers, and what it refuses."""
+
+    SECRET = "SECRET-7f3a"
+
+    def setUp(self):
+        now = datetime.now(timezone.utc)
+        self.site = HomeServer(self, state=crafted_state(now, host=self.SECRET), history=crafted_history(now))
+        root = self.site.root
+        with open(os.path.join(root, "smart.conf"), "w", encoding="utf-8") as handle:
+            handle.write(f"PHONE_HOME_TOKEN={self.SECRET}\n")
+        self.run_dir = os.path.join(self.site.home.runs, "20261127T210947")
+        os.makedirs(self.run_dir)
+        with open(os.path.join(self.run_dir, "baseline.csv"), "w", encoding="utf-8") as handle:
+            handle.write("timestamp,latency_ms,response_code\n2026-11-27T21:10:00.000Z,17.8,200\n")
+        os.makedirs(os.path.join(self.site.home.runs, "20261127T203951"))
+        outside = tempfile.mkdtemp(prefix="smart-outside-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        with open(os.path.join(outside, "secret.txt"), "w", encoding="utf-8") as handle:
+            handle.write(self.SECRET)
+        os.symlink(outside, os.path.join(self.site.home.runs, "escape"))
+        os.symlink(os.path.join(outside, "secret.txt"), os.path.join(self.run_dir, "leak.csv"))
+        os.symlink(os.path.join(root, "smart.conf"), os.path.join(self.run_dir, "conf.log"))
+
+    def assertRefused(self, path):
+        status, _, body = self.site.get(path)
+        self.assertIn(status, (403, 404), path)
+        self.assertNotIn(self.SECRET.encode(), body, path)
+        self.assertNotIn(b"root:", body, path)
+
+    def test_state_and_history_are_not_cached(self):
+        for path in ("/state.json", "/history.json"):
+            status, headers, body = self.site.get(path)
+            self.assertEqual(status, 200, path)
+            self.assertEqual(headers["Cache-Control"], "no-cache", path)
+            self.assertEqual(headers["Content-Type"], "application/json", path)
+            json.loads(body)
+
+    def test_index_is_served_at_root(self):
+        status, headers, body = self.site.get("/")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/html"))
+        with open(INDEX, "rb") as handle:
+            self.assertEqual(body, handle.read())
+
+    def test_traversal_out_of_runs_is_refused(self):
+        for path in ("/runs/../state.json", "/runs/%2e%2e/smart.conf", "/runs/..%2fsmart.conf",
+                     "/runs/%2E%2E/%2E%2E/smart.conf", "/runs/..%2f..%2fsmart.conf", "/runs/..\\smart.conf",
+                     "/runs/20261127T210947/../../../smart.conf", "/runs/%00"):
+            self.assertRefused(path)
+
+    def test_symlinks_out_of_the_home_are_refused(self):
+        for path in ("/runs/escape/secret.txt", "/runs/escape/", "/runs/20261127T210947/leak.csv",
+                     "/runs/20261127T210947/conf.log"):
+            self.assertRefused(path)
+
+    def test_runs_lists_run_folders(self):
+        status, headers, body = self.site.get("/runs/")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/html"))
+        page = body.decode()
+        self.assertIn('href="20261127T210947/"', page)
+        self.assertIn('href="20261127T203951/"', page)
+        self.assertLess(page.index("20261127T210947"), page.index("20261127T203951"))   # newest first
+        status, headers, _ = self.site.get("/runs")
+        self.assertEqual(status, 301)
+        self.assertEqual(headers["Location"], "/runs/")
+        status, _, body = self.site.get("/runs/20261127T210947/")
+        self.assertEqual(status, 200)
+        self.assertIn(b'href="baseline.csv"', body)
+
+    def test_csv_is_served_as_text(self):
+        status, headers, body = self.site.get("/runs/20261127T210947/baseline.csv")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/plain; charset=utf-8")
+        self.assertTrue(body.startswith(b"timestamp,latency_ms,response_code\n"))
+
+    def test_paths_outside_www_are_not_found(self):
+        for path in ("/etc/passwd", "/../../../../etc/passwd", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                     "/..%2f..%2f..%2fetc%2fpasswd", "//etc/passwd", "/smart.conf", "/var/state.json",
+                     "/smart.py", "/www/index.html", "/index.html/../../smart.conf"):
+            status, _, body = self.site.get(path)
+            self.assertEqual(status, 404, path)
+            self.assertNotIn(self.SECRET.encode(), body, path)
+            self.assertNotIn(b"root:", body, path)
+
+
+if __name__ == "__main__":
+    unittest.main()
