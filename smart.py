@@ -82,9 +82,31 @@ class NotBuilt(BadInput):
     """A command of the contract that this version does not implement yet."""
 
 
+JOURNAL_PRIORITY = {"error": 3, "warning": 4, "info": 6}
+
+
+def to_journal(stream) -> bool:
+    """Whether stream is the systemd journal: JOURNAL_STREAM names its device:inode (systemd.exec(5))."""
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+def emit(line: str, stream=None, level: str = "info") -> None:
+    """Print a line; under journald with a <N> priority prefix, so journalctl -p filters it."""
+    stream = sys.stdout if stream is None else stream
+    prefix = f"<{JOURNAL_PRIORITY[level]}>" if to_journal(stream) else ""
+    print(prefix + line, file=stream, flush=True)
+
+
 def warn(message: str) -> None:
     """Print a one-line warning on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
+    emit(f"warning: {message}", sys.stderr, "warning")
 
 
 ###### Settings ######
@@ -237,6 +259,7 @@ class Experiment:
                                                        "warmup_seconds")}
         self.design = meta.get("design")
         self.blocks = meta.get("blocks")
+        self.decider = meta.get("decide") or ("./decide.sh" if os.path.isfile(os.path.join(path, "decide.sh")) else None)
 
     def apply_command(self, variant: dict):
         """The shell command that applies a variant, or None for a baseline with nothing to apply."""
@@ -1743,13 +1766,13 @@ class Runner:
         self.state = None
 
     # -- logging and state --
-    def log(self, message: str) -> None:
+    def log(self, message: str, level: str = "info") -> None:
         """One timestamped line in run.log and on stdout (the journal, under systemd)."""
         line = f"{utc_now()} {message}"
         if self.log_handle is not None:
             self.log_handle.write(line + "\n")
             self.log_handle.flush()
-        print(line, file=self.out, flush=True)
+        emit(line, self.out, level)
 
     def log_command(self, what: str, result: CommandResult) -> None:
         self.log(f"{what}: $ {result.command}  -> {result.describe()}")
@@ -1858,7 +1881,7 @@ class Runner:
             status, reason = "failed", str(exc) if isinstance(exc, SmartError) else f"I/O error: {exc}"
         if status != "done":
             reason = trial.abandon(reason)
-            self.log(f"run {run_id} {status}: {reason}")
+            self.log(f"run {run_id} {status}: {reason}", "error" if status == "failed" else "warning")
         try:
             self.finish(status, None if status == "done" else reason)
             self.ask_coach()
@@ -1899,7 +1922,7 @@ class Runner:
         try:
             advice = phone_home(self.state, self.settings)
         except SmartError as exc:
-            self.log(f"coach: {exc}")
+            self.log(f"coach: {exc}", "warning")
             self.save_state(coach={"advice": None, "error": str(exc), "at": utc_now(),
                                    "coach": _public_url(self.settings["PHONE_HOME_URL"])})
             return
@@ -2035,7 +2058,8 @@ class Trial:
         self.settings = runner.settings
         self.thresholds = Thresholds(self.settings)
         self.design = experiment.design or self.settings["DESIGN"]
-        self.early_stop = self.settings["EARLY_STOP"] == "yes"
+        # A custom decider has the last word, so no built-in look may end a measurement early.
+        self.early_stop = self.settings["EARLY_STOP"] == "yes" and experiment.decider is None
         self.applied = None          # the variant applied now and not kept
         self.reference = Arm()       # baseline rows the guard compares against
         self.files = {}
@@ -2161,7 +2185,7 @@ class Trial:
         return False
 
     def aborted(self, name: str, reason: str, strip=None) -> dict:
-        self.log(f"{name}: {reason}; reverting at once")
+        self.log(f"{name}: {reason}; reverting at once", "warning")
         self.switch_back()
         return {"name": name, "decision": "revert", "reason": f"revert: {reason}", "borderline": False,
                 "metrics": None, "stopped_early": reason, "blocks": strip or []}
@@ -2177,12 +2201,34 @@ class Trial:
                       else "the improvement's interval lies below the bar"))
             self.log(f"{name}: sequential stop, {why}")
         self.log(f"{name}: {result.reason}")
-        record = {"name": name, "decision": result.decision, "reason": result.reason,
+        decision, reason, decider = result.decision, result.reason, None
+        if self.experiment.decider:
+            decision, reason = self.custom_decision(name, result)
+            decider = {"command": self.experiment.decider, "decision": decision,
+                       "builtin_decision": result.decision, "builtin_reason": result.reason}
+        record = {"name": name, "decision": decision, "reason": reason,
                   "borderline": result.borderline, "metrics": variant_metrics(result),
-                  "verdict": result.to_json(), "stopped_early": why, "blocks": strip or []}
+                  "verdict": result.to_json(), "stopped_early": why, "blocks": strip or [], "decider": decider}
         self.runner.state["metrics"] = {key: record["metrics"][key] for key in
                                         ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")}
         return record
+
+    def custom_decision(self, name: str, builtin: Verdict):
+        """The experiment's own decider, given the two CSVs: keep or revert; anything else reverts."""
+        command = (f"{self.experiment.decider} {shlex.quote(os.path.join(self.run_dir, 'baseline.csv'))} "
+                   f"{shlex.quote(os.path.join(self.run_dir, name + '.csv'))}")
+        result = self.runner.command(f"decide {name}", command, self.experiment.path)
+        lines = result.output.strip().splitlines()
+        word = lines[-1].strip() if lines else ""
+        if not result.ok:
+            decision, why = "revert", f"the custom decider {result.describe()}"
+        elif word not in ("keep", "revert"):
+            decision, why = "revert", f"the custom decider printed {word[:40]!r}, not keep or revert"
+        else:
+            decision, why = word, f"the custom decider said {word}"
+        reason = f"{decision}: {why} (built-in verdict: {builtin.reason})"
+        self.log(f"{name}: {reason}")
+        return decision, reason
 
     def keep(self, name: str) -> None:
         kept = read_json(self.runner.home.kept, {}) or {}
@@ -2382,9 +2428,194 @@ def _history(home: Home):
 
 
 def publish_dashboard(home: Home, history_runs: int = 200) -> None:
-    """Publish var/history.json (the last runs of history.jsonl) for the dashboard, atomically."""
+    """Publish var/history.json (the last runs), var/context.md and var/smart.prom, each atomically."""
     runs = collections.deque(_history(home), maxlen=history_runs)
     write_json(os.path.join(home.var, "history.json"), {"runs": list(runs), "updated_at": utc_now()})
+    write_atomic(os.path.join(home.var, "context.md"), format_status(collect_status(home), markdown=True))
+    write_atomic(os.path.join(home.var, "smart.prom"), prometheus_metrics(home))
+
+
+###### Status: context.md, `status` and Prometheus metrics ######
+
+STALE_MINUTES = 35        # the timer fires every 30 minutes; older than this, something is wrong
+TIMER_UNIT = "smart-experiment.timer"
+
+
+def _age_minutes(stamp):
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except (TypeError, ValueError):
+        return None
+    return (datetime.now(timezone.utc) - moment).total_seconds() / 60
+
+
+def _lock_held(home: Home) -> bool:
+    try:
+        with open(os.path.join(home.var, "lock"), "a+", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def next_timer_run():
+    """When the systemd timer fires next, or None where there is no such timer."""
+    if not shutil.which("systemctl"):
+        return None
+    result = run_command(f"systemctl show {TIMER_UNIT} --property=NextElapseUSecRealtime --value", "/", 5)
+    value = result.output.strip() if result.ok else ""
+    return value if value and value != "n/a" else None
+
+
+def collect_status(home: Home, runs: int = 10) -> dict:
+    """What is applied, the last verdicts, the next run and what needs attention, from var/ alone."""
+    state = read_json(home.state)
+    state = state if isinstance(state, dict) else None
+    history = list(_history(home))
+    kept = read_json(home.kept, {}) or {}
+    journal = read_json(home.journal)
+    running = _lock_held(home)
+    applied = {experiment: {"variant": entry.get("variant"), "since": entry.get("kept_at"),
+                            "run_id": entry.get("run_id"), "kept": True}
+               for experiment, entry in kept.items() if isinstance(entry, dict)}
+    if isinstance(journal, dict):
+        applied[journal.get("experiment")] = {"variant": journal.get("variant"), "since": journal.get("written_at"),
+                                             "run_id": journal.get("run_id"), "kept": False}
+    last = {}
+    for entry in history:
+        last[entry.get("experiment")] = entry
+    attention = []
+    if isinstance(journal, dict) and not running:
+        attention.append(f"{journal.get('experiment')}/{journal.get('variant')} is left applied by run "
+                         f"{journal.get('run_id')} and not kept: run 'smart.py recover'")
+    elif os.path.exists(home.journal) and journal is None:
+        attention.append(f"{home.journal} is unreadable: check what is applied, then delete it")
+    if state and state.get("status") == "failed":
+        attention.append(f"run {state.get('run_id')} failed: {state.get('reason')}")
+    if state and state.get("status") == "running" and not running:
+        attention.append(f"run {state.get('run_id')} says running but holds no lock: it died; "
+                         "run 'smart.py recover'")
+    if state and not running:
+        ages = [a for a in (_age_minutes(state.get("updated_at")), _age_minutes(state.get("checked_at"))) if a is not None]
+        if ages and min(ages) > STALE_MINUTES:
+            attention.append(f"no run for {min(ages):.0f} minutes: is {TIMER_UNIT} running?")
+    return {
+        "home": home.root, "host": socket.gethostname(), "version": __version__, "checked_at": utc_now(),
+        "running": running, "status": state.get("status") if state else None,
+        "phase": state.get("phase") if state else None, "applied": applied,
+        "last": {experiment: {key: entry.get(key) for key in ("run_id", "status", "kept_variant", "finished_at",
+                                                            "reason", "variants")}
+                 for experiment, entry in last.items()},
+        "next_run": next_timer_run(), "attention": attention,
+        "runs": [{key: entry.get(key) for key in ("run_id", "experiment", "status", "kept_variant", "metrics")}
+                 for entry in history[-runs:][::-1]],
+    }
+
+
+def format_status(status: dict, markdown: bool = False) -> str:
+    """The status as text: for the terminal, or as context.md."""
+    head = "# " if markdown else ""
+    sub = "## " if markdown else ""
+    item = "- " if markdown else "  "
+    lines = [f"{head}smart.py on {status['host']} ({status['home']})",
+             "" if markdown else f"checked {status['checked_at']}" + ("; a run is in progress" if status["running"] else ""),
+             f"{sub}Applied now"]
+    lines += [f"{item}{experiment}: {entry['variant']} "
+              + (f"(kept in run {entry['run_id']} at {entry['since']})" if entry["kept"] else "(under test, not kept)")
+              for experiment, entry in sorted(status["applied"].items(), key=lambda kv: str(kv[0]))] or [
+        f"{item}every experiment is on its baseline"]
+    lines.append(f"{sub}Last verdicts")
+    for experiment, entry in sorted(status["last"].items(), key=lambda kv: str(kv[0])):
+        lines.append(f"{item}{experiment}: run {entry['run_id']} {entry['status']}, "
+                     f"kept {entry['kept_variant'] or 'nothing'}" + (f" ({entry['reason']})" if entry["reason"] else ""))
+        for variant in entry.get("variants") or []:
+            metrics = variant.get("metrics") or {}
+            figures = (f"p50 {metrics.get('base_p50_ms')} -> {metrics.get('var_p50_ms')} ms, "
+                       f"errors {metrics.get('base_err_pct')}% -> {metrics.get('var_err_pct')}%; " if metrics else "")
+            lines.append(f"{'  ' + item}{variant.get('name')}: {figures}{variant.get('reason')}")
+    if not status["last"]:
+        lines.append(f"{item}no run yet")
+    lines.append(f"{sub}Next run")
+    lines.append(f"{item}{status['next_run'] or 'unknown: no ' + TIMER_UNIT + ' found (run by hand or check the timer)'}")
+    lines.append(f"{sub}Needs attention")
+    lines += [f"{item}{text}" for text in status["attention"]] or [f"{item}nothing"]
+    if not markdown:
+        lines.append("Recent runs")
+        lines.append(f"  {'run':<20}{'experiment':<26}{'status':<12}{'kept':<18}{'base p50':>10}{'var p50':>10}")
+        for run in status["runs"]:
+            metrics = run.get("metrics") or {}
+            lines.append(f"  {str(run['run_id']):<20}{str(run['experiment'])[:25]:<26}{str(run['status']):<12}"
+                         f"{str(run['kept_variant'] or '-')[:17]:<18}{str(metrics.get('base_p50_ms', '-')):>10}"
+                         f"{str(metrics.get('var_p50_ms', '-')):>10}")
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_metrics(home: Home) -> str:
+    """var/smart.prom for node_exporter's textfile collector (--collector.textfile.directory)."""
+    history = list(_history(home))
+    kept = read_json(home.kept, {}) or {}
+    out = []
+
+    def metric(name, kind, help_text, samples):
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            text = ",".join(f'{key}="{_label(v)}"' for key, v in labels.items())
+            number = repr(float(value)) if isinstance(value, float) else str(value)
+            out.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
+
+    last = {}
+    for entry in history:
+        last[entry.get("experiment")] = entry
+    statuses = ("done", "failed", "interrupted")
+    finished = [(e, _epoch_or_none(entry.get("finished_at"))) for e, entry in last.items()]
+    metric("smart_last_run_timestamp_seconds", "gauge", "Unix time the experiment's last run finished.",
+           [({"experiment": e}, t) for e, t in finished if t is not None])
+    metric("smart_last_run_status", "gauge", "1 for the status of the experiment's last run.",
+           [({"experiment": e, "status": s}, 1 if entry.get("status") == s else 0)
+            for e, entry in last.items() for s in statuses])
+    latency, errors = [], []
+    for experiment, entry in last.items():
+        for variant in entry.get("variants") or []:
+            metrics = variant.get("metrics") or {}
+            for arm in ("base", "var"):
+                labels = {"experiment": experiment, "variant": variant.get("name"),
+                          "arm": "baseline" if arm == "base" else "variant"}
+                for quantile in ("50", "90", "99"):
+                    value = metrics.get(f"{arm}_p{quantile}_ms")
+                    if isinstance(value, (int, float)):
+                        latency.append((dict(labels, percentile=f"p{quantile}"), value / 1000))
+                if isinstance(metrics.get(f"{arm}_err_pct"), (int, float)):
+                    errors.append((labels, metrics[f"{arm}_err_pct"] / 100))
+    metric("smart_variant_latency_seconds", "gauge", "Latency quantiles of each arm in the last run.", latency)
+    metric("smart_variant_error_ratio", "gauge", "Share of failed requests of each arm in the last run.", errors)
+    metric("smart_kept_variant_info", "gauge", "1 for the variant kept and applied now.",
+           [({"experiment": e, "variant": entry.get("variant")}, 1) for e, entry in kept.items()
+            if isinstance(entry, dict)])
+    now = time.time()
+    metric("smart_variant_applied_seconds", "gauge", "Seconds since the kept variant was applied.",
+           [({"experiment": e, "variant": entry.get("variant")}, max(0.0, now - _epoch_or_none(entry.get("kept_at"))))
+            for e, entry in kept.items() if isinstance(entry, dict) and _epoch_or_none(entry.get("kept_at"))])
+    runs = collections.Counter(entry.get("status") for entry in history)
+    metric("smart_runs_total", "counter", "Finished runs by status.",
+           [({"status": s}, runs.get(s, 0)) for s in statuses])
+    decisions = collections.Counter(v.get("decision") for entry in history for v in entry.get("variants") or [])
+    metric("smart_decisions_total", "counter", "Variants decided, by decision.",
+           [({"decision": d}, decisions.get(d, 0)) for d in ("keep", "revert")])
+    return "\n".join(out) + "\n"
+
+
+def _epoch_or_none(stamp):
+    try:
+        return _epoch(stamp)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 ###### Phone home: advice from a coach, never a command ######
@@ -2887,6 +3118,13 @@ def cmd_phone_home(args, settings) -> int:
     return 0
 
 
+def cmd_status(args, settings) -> int:
+    """status [--json]: what is applied, last verdicts, next run, attention; exit 1 when something needs it."""
+    status = collect_status(Home(args.home), args.runs)
+    print(json.dumps(status, indent=2) if args.json else format_status(status), end="" if not args.json else "\n")
+    return 1 if status["attention"] else 0
+
+
 def cmd_decide(args, settings) -> int:
     """decide BASELINE.csv VARIANT.csv: keep/revert on stdout, the figures on stderr."""
     result = decide_files(args.baseline, args.variant, Thresholds(settings))
@@ -2963,6 +3201,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     command("recover", cmd_recover, "revert what an interrupted run left applied")
     command("doctor", _not_built("the deploy issue"), "check the installation")
+    status = command("status", cmd_status, "what is applied, the last verdicts, what needs attention")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--runs", type=int, default=10, metavar="N", help="recent runs to list (default 10)")
     return parser
 
 
@@ -2989,7 +3230,7 @@ def main(argv=None) -> int:
         if verbose:
             import traceback
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        emit(f"error: {exc}", sys.stderr, "error")
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
