@@ -166,6 +166,7 @@ SETTINGS = {
     "WARMUP_SECONDS": (10.0, _number(float, 0), "switchback: measured, unjudged wait after each switch"),
     "EARLY_STOP": ("yes", _choice("yes", "no"), "end a variant early once its verdict is certain"),
     "LOOK_SECONDS": (5.0, _number(float, 0, low_open=True), "how often the sequential stop looks"),
+    "VERIFY_SECONDS": (60.0, _number(float, 0, low_open=True), "apply: baseline and variant check length"),
     "COMMAND_TIMEOUT_SECONDS": (60.0, _number(float, 0, low_open=True), "time box of each command"),
     "KEEP_RUNS": (200, _number(int, 1), "run folders kept under var/runs"),
     "PHONE_HOME": ("borderline", _choice("never", "borderline", "always"), "when to ask the coach"),
@@ -1829,26 +1830,78 @@ class Runner:
     # -- one invocation --
     def run(self, experiments) -> int:
         """Lock, recover, then run each experiment; 0 when all finished, 1 when any failed."""
+        def each():
+            failed = 0
+            for experiment in experiments:
+                if self.stop:
+                    self.log(f"{self.stop.signal_name}: {experiment.id} not started")
+                    failed += 1
+                    continue
+                failed += self.run_experiment(experiment) != "done"
+            return 1 if failed else 0
+        return self.locked(each)
+
+    def locked(self, work) -> int:
+        """Hold the home's lock with signals caught, revert what a crashed run left, then do the work."""
         os.makedirs(self.home.var, exist_ok=True)
         restore_signals = self.stop.install()
         try:
             with HomeLock(self.home.var):
                 self.recover()
-                failed = 0
-                for experiment in experiments:
-                    if self.stop:
-                        self.log(f"{self.stop.signal_name}: {experiment.id} not started")
-                        failed += 1
-                        continue
-                    failed += self.run_experiment(experiment) != "done"
-                return 1 if failed else 0
+                return work()
         finally:
             restore_signals()
 
-    def run_experiment(self, experiment: Experiment) -> str:
+    def apply(self, experiment: Experiment, name: str) -> int:
+        """Apply one known variant on purpose (a fleet rollout): verify it against a fresh baseline.
+
+        0 when it is applied and did no harm (or was already applied); 1 when it did harm and was
+        reverted, or a revert failed.
+        """
+        variant = experiment.variant(name)
+        if variant is None or variant is experiment.baseline:
+            names = ", ".join(v["name"] for v in experiment.candidates)
+            raise BadInput(f"{experiment.id} has no variant {name!r} to apply; its variants: {names}")
+
+        def work():
+            kept = (read_json(self.home.kept, {}) or {}).get(experiment.id)
+            if kept and kept.get("variant") == name:
+                print(f"{experiment.id}: {name} is already applied (kept in run {kept.get('run_id')}); nothing to do",
+                      file=self.out)
+                return 0
+            if kept:
+                self.revert_kept(experiment)
+            status = self.run_experiment(experiment, body=lambda trial: trial.run_apply(variant))
+            state = read_json(self.home.state, {}) or {}
+            return 0 if status == "done" and state.get("kept_variant") == name else 1
+        return self.locked(work)
+
+    def revert_experiment(self, experiment: Experiment) -> int:
+        """Revert an experiment's kept variant, reopening the experiment; 0 also when nothing was applied."""
+        def work():
+            if not self.revert_kept(experiment):
+                print(f"{experiment.id}: nothing applied; it is on its baseline", file=self.out)
+            return 0
+        return self.locked(work)
+
+    def revert_kept(self, experiment: Experiment) -> bool:
+        """Run the revert of the experiment's kept variant and forget it; RevertFailed if that fails."""
+        kept = read_json(self.home.kept, {}) or {}
+        entry = kept.get(experiment.id)
+        if not entry:
+            return False
+        result = self.command(f"revert {entry.get('variant')}", experiment.revert, experiment.path)
+        if not result.ok:
+            raise RevertFailed(f"revert of {experiment.id}/{entry.get('variant')} {result.describe()}")
+        del kept[experiment.id]
+        write_json(self.home.kept, kept)
+        print(f"{experiment.id}: reverted {entry.get('variant')}", file=self.out)
+        return True
+
+    def run_experiment(self, experiment: Experiment, body=None) -> str:
         """One experiment as one run: its own RUN_ID, run folder, state and history line."""
         kept = read_json(self.home.kept, {}) or {}
-        if experiment.id in kept:
+        if body is None and experiment.id in kept:
             record = kept[experiment.id]
             print(f"{experiment.id}: settled, {record.get('variant')} kept in run {record.get('run_id')}; "
                   f"nothing to try (revert it to reopen the experiment)", file=self.out)
@@ -1871,7 +1924,7 @@ class Runner:
             self.save_state()
             self.log(f"run {run_id}: experiment {experiment.id} ({len(experiment.candidates)} variants)")
             self.hook("pre-run", run_id)
-            trial.run()
+            (body or Trial.run)(trial)
             status = "done"
         except Interrupted as exc:
             status, reason = "interrupted", str(exc)
@@ -2031,6 +2084,22 @@ class Look:
         return self.result
 
 
+def harm_found(base: Arm, var: Arm, thresholds: Thresholds):
+    """Why a variant applied on request does harm, or None: too little data, more errors, a worse
+    tail, or a p50 at least IMPROVE_PCT slower with significance (the rank test turned around)."""
+    result = verdict(base, var, thresholds)
+    if "samples" in result.failed_rules:
+        return f"too little data to verify it ({base.ok} and {var.ok} successful samples)"
+    if "errors" in result.failed_rules:
+        return f"the error rate rose {result.err_delta_pct:.2f} points"
+    if "tail" in result.failed_rules:
+        return f"p99 regressed {result.p99_regress_pct:.1f}%"
+    slower = rank_test([(sorted(var.latencies), sorted(base.latencies))])
+    if result.improve_pct <= -thresholds.improve_pct and slower["p_value"] <= 1 - thresholds.confidence:
+        return f"p50 got {-result.improve_pct:.1f}% slower (p={slower['p_value']:.3g})"
+    return None
+
+
 def _futile(result: Verdict, thresholds: Thresholds) -> bool:
     """The improvement's interval lies wholly below the bar: no more data will make a keep."""
     return (not result.failed_rules[:1] == ["samples"] and result.improve_ci is not None
@@ -2152,6 +2221,36 @@ class Trial:
                     return self.decided(name, result, stopped_early=(index + 1) / pairs, strip=strip)
         result = verdict(baseline, arm, self.thresholds, fraction=1.0 if self.early_stop else None)
         return self.decided(name, result, strip=strip)
+
+    def run_apply(self, variant: dict) -> None:
+        """Apply a variant by name and keep it only when a short check against the baseline finds no harm."""
+        self.runner.save_state(design="apply")
+        self.switch_to(self.experiment.baseline)
+        seconds = self.settings["VERIFY_SECONDS"]
+        baseline = Arm()
+        self.measure("baseline", seconds, baseline)
+        self.reference = baseline
+        self.record(variant, self.attempt(variant, lambda: self.verify_variant(variant, baseline, seconds)))
+
+    def verify_variant(self, variant: dict, baseline: Arm, seconds: float) -> dict:
+        name = variant["name"]
+        guard = Guard(baseline, self.thresholds)
+        self.switch_to(variant)
+        self.measure(f"{name}_warmup", self.seconds("WARMUP_SECONDS"), Arm(), guard=guard, step="warm-up")
+        arm = Arm()
+        if not guard.reason:
+            self.measure(name, seconds, arm, guard=guard)
+        if guard.reason:
+            return self.aborted(name, guard.reason)
+        record = self.decided(name, verdict(baseline, arm, self.thresholds))
+        harm = harm_found(baseline, arm, self.thresholds)
+        record["decision"] = "revert" if harm else "keep"
+        record["reason"] = (f"revert: applied on request, but {harm}" if harm else
+                            f"keep: applied on request; no harm against the baseline "
+                            f"(p50 {record['metrics']['base_p50_ms']} -> {record['metrics']['var_p50_ms']} ms, "
+                            f"errors {record['metrics']['err_delta_pct']:+.2f} points)")
+        self.log(f"{name}: {record['reason']}")
+        return record
 
     def next_block(self) -> int:
         self.block = getattr(self, "block", 0) + 1
@@ -3047,6 +3146,20 @@ def format_plan(experiments, settings) -> str:
     return "\n".join(lines)
 
 
+def cmd_apply(args, settings) -> int:
+    """apply EXPERIMENT VARIANT: apply a known variant, verify it against the baseline, revert on harm."""
+    home = Home(args.home)
+    experiment = find_experiments(home.root, [args.experiment])[0]
+    return Runner(home, settings).apply(experiment, args.variant)
+
+
+def cmd_revert(args, settings) -> int:
+    """revert EXPERIMENT: revert its kept variant (the experiment is tried again by the next run)."""
+    home = Home(args.home)
+    experiment = find_experiments(home.root, [args.experiment])[0]
+    return Runner(home, settings).revert_experiment(experiment)
+
+
 def cmd_recover(args, settings) -> int:
     """recover: revert what an interrupted run left applied."""
     home = Home(args.home)
@@ -3200,6 +3313,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bind", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
     command("recover", cmd_recover, "revert what an interrupted run left applied")
+    apply = command("apply", cmd_apply, "apply a known variant, verify it briefly, revert on harm")
+    apply.add_argument("experiment", metavar="EXPERIMENT")
+    apply.add_argument("variant", metavar="VARIANT")
+    revert = command("revert", cmd_revert, "revert an experiment's kept variant")
+    revert.add_argument("experiment", metavar="EXPERIMENT")
     command("doctor", _not_built("the deploy issue"), "check the installation")
     status = command("status", cmd_status, "what is applied, the last verdicts, what needs attention")
     status.add_argument("--json", action="store_true", help="one JSON object")
