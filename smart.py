@@ -28,6 +28,7 @@ import json
 import math
 import operator
 import os
+import pwd
 import random
 import re
 import selectors
@@ -52,7 +53,7 @@ from statistics import NormalDist
 __version__ = "0.1.0"
 
 __all__ = [
-    "SmartError", "BadInput", "WorkFailed", "NotBuilt",
+    "SmartError", "BadInput", "WorkFailed",
     "SETTINGS", "load_settings", "parse_conf",
     "Arm", "read_measurements",
     "percentile", "summarize", "rank_test", "exact_u_cdf", "median_ratio_interval",
@@ -76,10 +77,6 @@ class BadInput(SmartError):
 class WorkFailed(SmartError):
     """The work itself failed: a revert failed, a run was interrupted."""
     exit_code = 1
-
-
-class NotBuilt(BadInput):
-    """A command of the contract that this version does not implement yet."""
 
 
 JOURNAL_PRIORITY = {"error": 3, "warning": 4, "info": 6}
@@ -168,6 +165,7 @@ SETTINGS = {
     "LOOK_SECONDS": (5.0, _number(float, 0, low_open=True), "how often the sequential stop looks"),
     "VERIFY_SECONDS": (60.0, _number(float, 0, low_open=True), "apply: baseline and variant check length"),
     "COMMAND_TIMEOUT_SECONDS": (60.0, _number(float, 0, low_open=True), "time box of each command"),
+    "RETRY_HOURS": (24.0, _number(float, 0), "the timer tries an experiment that kept nothing again after this"),
     "KEEP_RUNS": (200, _number(int, 1), "run folders kept under var/runs"),
     "PHONE_HOME": ("borderline", _choice("never", "borderline", "always"), "when to ask the coach"),
     "PHONE_HOME_URL": ("", _url_or_empty(), "coach endpoint"),
@@ -1828,7 +1826,7 @@ class Runner:
             self._append_history(state)
 
     # -- one invocation --
-    def run(self, experiments) -> int:
+    def run(self, experiments, rotation=False) -> int:
         """Lock, recover, then run each experiment; 0 when all finished, 1 when any failed."""
         def each():
             failed = 0
@@ -1837,7 +1835,7 @@ class Runner:
                     self.log(f"{self.stop.signal_name}: {experiment.id} not started")
                     failed += 1
                     continue
-                failed += self.run_experiment(experiment) != "done"
+                failed += self.run_experiment(experiment, rotation=rotation) != "done"
             return 1 if failed else 0
         return self.locked(each)
 
@@ -1898,13 +1896,30 @@ class Runner:
         print(f"{experiment.id}: reverted {entry.get('variant')}", file=self.out)
         return True
 
-    def run_experiment(self, experiment: Experiment, body=None) -> str:
-        """One experiment as one run: its own RUN_ID, run folder, state and history line."""
-        kept = read_json(self.home.kept, {}) or {}
-        if body is None and experiment.id in kept:
-            record = kept[experiment.id]
-            print(f"{experiment.id}: settled, {record.get('variant')} kept in run {record.get('run_id')}; "
-                  f"nothing to try (revert it to reopen the experiment)", file=self.out)
+    def resting(self, experiment: Experiment):
+        """Why the timer's run skips an experiment now (a kept variant, or tried within RETRY_HOURS), or None."""
+        kept = (read_json(self.home.kept, {}) or {}).get(experiment.id)
+        if kept:
+            return (f"settled, {kept.get('variant')} kept in run {kept.get('run_id')}; "
+                    f"'smart.py revert {experiment.id}' reopens it")
+        last = None
+        for entry in _history(self.home):
+            if entry.get("experiment") == experiment.id:
+                last = entry
+        age = _age_minutes(last.get("finished_at")) if last else None
+        if last and last.get("status") == "done" and age is not None and age < self.settings["RETRY_HOURS"] * 60:
+            return (f"tried in run {last.get('run_id')} {age:.0f} minutes ago, nothing kept; tried again after "
+                    f"RETRY_HOURS={self.settings['RETRY_HOURS']:g} (or name it to run it now)")
+        return None
+
+    def run_experiment(self, experiment: Experiment, body=None, rotation=False) -> str:
+        """One experiment as one run: its own RUN_ID, run folder, state and history line.
+
+        In the timer's rotation (no experiment named) an experiment that is resting is skipped.
+        """
+        why = self.resting(experiment) if rotation else None
+        if why:
+            print(f"{experiment.id}: {why}", file=self.out)
             state = read_json(self.home.state)
             if isinstance(state, dict):
                 state["checked_at"] = utc_now()      # the timer ran: the dashboard must not call it stale
@@ -3063,6 +3078,102 @@ def write_demo_experiment(home: str, url: str, seconds: float) -> str:
     return folder
 
 
+###### Doctor: is this installation healthy? ######
+
+HELPER = "/usr/local/sbin/smart-nginx"
+SUDOERS = "/etc/sudoers.d/smart-server"
+UNITS = ("/etc/systemd/system/smart-experiment.service", "/etc/systemd/system/smart-experiment.timer")
+
+
+def _probe(command: str, timeout: float = 10):
+    return run_command(command, "/", timeout)
+
+
+def doctor_checks(home: Home, settings: dict):
+    """(name, ok, detail, fix command) for each thing the seed's troubleshooting guide names."""
+    checks = []
+
+    def check(name, ok, detail, fix=""):
+        checks.append((name, bool(ok), detail, fix))
+
+    check("python", sys.version_info >= (3, 11), f"{sys.version.split()[0]} at {sys.executable}",
+          "install Python 3.11 or newer")
+    owner = _owner(home.root)
+    check("home", os.path.isdir(home.root), f"{home.root} owned by {owner}", f"sudo deploy/install.sh")
+    writable = os.access(home.var, os.W_OK) if os.path.isdir(home.var) else os.access(home.root, os.W_OK)
+    check("var writable", writable, f"{home.var} by {_user()}", f"sudo chown -R smart:smart {home.var}")
+    check("dashboard page", os.path.isfile(os.path.join(home.www(), "index.html")),
+          os.path.join(home.www(), "index.html"), "sudo deploy/install.sh (it installs www/)")
+    try:
+        experiments = find_experiments(home.root, [])
+        check("experiments", experiments, f"{len(experiments)} found: " + ", ".join(e.id for e in experiments),
+              f"add a folder with a meta.json under {os.path.join(home.root, 'experiments')}")
+    except BadInput as exc:
+        check("experiments", False, str(exc), "fix the file named above")
+    systemd = os.path.isdir("/run/systemd/system") and shutil.which("systemctl")
+    if systemd:
+        enabled = _probe("systemctl is-enabled smart-experiment.timer").output.strip()
+        active = _probe("systemctl is-active smart-experiment.timer").output.strip()
+        check("timer", enabled == "enabled" and active == "active", f"smart-experiment.timer {enabled}, {active}",
+              "sudo systemctl enable --now smart-experiment.timer")
+        result = _probe("systemctl show -p Result --value smart-experiment.service").output.strip()
+        check("last service run", result in ("success", ""), f"Result={result}",
+              "journalctl -u smart-experiment.service -n 50")
+    else:
+        check("timer", False, "no systemd here: nothing runs smart.py on a schedule",
+              f"crontab -u smart -e, add: */30 * * * * python3 {os.path.abspath(__file__)} --home {home.root} run")
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    check("nginx", nginx, nginx or "not installed", "sudo apt-get install -y nginx")
+    if os.geteuid() == 0 and nginx:
+        result = _probe(f"{nginx} -t")
+        check("nginx -t", result.ok, result.output.strip().splitlines()[-1] if result.output.strip() else
+              result.describe(), "fix the error nginx -t names")
+    if os.path.exists(HELPER) or os.path.exists(SUDOERS):
+        check("helper", os.path.isfile(HELPER) and _owner(HELPER) == "root", f"{HELPER} owned by {_owner(HELPER)}",
+              "sudo deploy/install.sh")
+        if os.geteuid() != 0:
+            result = _probe(f"sudo -n {HELPER} test", 30)
+            check("sudo rights", result.ok, f"sudo -n {HELPER} test {result.describe()}",
+                  f"sudo visudo -cf {SUDOERS}; sudo deploy/install.sh")
+        elif shutil.which("visudo"):
+            result = _probe(f"visudo -cf {SUDOERS}")
+            check("sudoers", result.ok, f"{SUDOERS}: {result.output.strip() or result.describe()}",
+                  "sudo deploy/install.sh")
+    free = shutil.disk_usage(home.var if os.path.isdir(home.var) else home.root).free
+    check("free disk", free >= 500 * 2 ** 20, f"{free / 2 ** 30:.1f} GiB free for var/",
+          f"free space, or lower KEEP_RUNS (now {settings['KEEP_RUNS']})")
+    status = collect_status(home)
+    state = read_json(home.state)
+    if isinstance(state, dict):
+        age = min([a for a in (_age_minutes(state.get("updated_at")), _age_minutes(state.get("checked_at")))
+                   if a is not None] or [0])
+        check("state.json age", age <= 60 or status["running"], f"updated {age:.0f} minutes ago",
+              "systemctl status smart-experiment.timer; journalctl -u smart-experiment.service")
+        check("last run", state.get("status") in ("done", "running"),
+              f"run {state.get('run_id')} {state.get('status')}" + (f": {state.get('reason')}" if state.get("reason") else ""),
+              f"python3 {os.path.abspath(__file__)} status; read var/runs/{state.get('run_id')}/run.log")
+    else:
+        check("state.json", True, "no run yet (the dashboard shows 'no data yet')")
+    for text in status["attention"]:
+        if "left applied" in text or "died" in text:
+            check("left applied", False, text, f"python3 {os.path.abspath(__file__)} recover")
+    return checks
+
+
+def _owner(path: str) -> str:
+    try:
+        return pwd.getpwuid(os.stat(path).st_uid).pw_name
+    except (OSError, KeyError):
+        return "unknown"
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 ###### Command line ######
 
 class _Parser(argparse.ArgumentParser):
@@ -3070,12 +3181,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise BadInput(f"{message} (see '{self.prog} --help')")
-
-
-def _not_built(issue_name):
-    def command(args, settings):
-        raise NotBuilt(f"'{args.command}' is not built yet ({issue_name})")
-    return command
 
 
 def cmd_measure(args, settings) -> int:
@@ -3114,19 +3219,31 @@ def cmd_run(args, settings) -> int:
     if args.dry_run:
         print(format_plan(experiments, settings))
         return 0
-    return Runner(home, settings).run(experiments)
+    return Runner(home, settings).run(experiments, rotation=not args.experiments)
 
 
 def format_plan(experiments, settings) -> str:
-    """What run would do, for --dry-run: experiments, variants, commands, durations."""
+    """What run would do, for --dry-run: experiments, design, variants, commands, durations."""
     lines = []
     total = 0.0
     for experiment in experiments:
         def seconds(key):
             value = experiment.seconds.get(key.lower())
             return float(value if value is not None else settings[key])
-        base, each, cool = seconds("BASELINE_SECONDS"), seconds("EXPERIMENT_SECONDS"), seconds("COOLDOWN_SECONDS")
-        longest = base + len(experiment.candidates) * (each + cool)
+        base, each = seconds("BASELINE_SECONDS"), seconds("EXPERIMENT_SECONDS")
+        design = experiment.design or settings["DESIGN"]
+        if design == "switchback":
+            pairs = int(experiment.blocks or settings["BLOCKS"])
+            warm = seconds("WARMUP_SECONDS")
+            per_variant = base + each + 2 * pairs * warm
+            longest = warm + len(experiment.candidates) * per_variant
+            shape = (f"switchback: {pairs} pairs of a {base / pairs:g} s baseline block and a {each / pairs:g} s "
+                     f"variant block, each after a {warm:g} s measured warm-up, in random order")
+        else:
+            cool = seconds("COOLDOWN_SECONDS")
+            per_variant = cool + each
+            longest = base + len(experiment.candidates) * per_variant
+            shape = f"sequential: baseline {base:g} s first, then each variant after a {cool:g} s cool-down for {each:g} s"
         total += longest
         how = "measure.sh" if experiment.measure_sh else (
             f"built-in prober {experiment.target_url} "
@@ -3136,12 +3253,15 @@ def format_plan(experiments, settings) -> str:
         lines += [f"experiment {experiment.id}: {experiment.description}",
                   f"  folder   {experiment.path}",
                   f"  measure  {how}",
-                  f"  baseline {experiment.baseline['name']}: apply {experiment.apply_command(experiment.baseline) or '(nothing)'}; "
-                  f"measure {base:g} s"]
+                  f"  design   {shape}",
+                  f"  baseline {experiment.baseline['name']}: apply {experiment.apply_command(experiment.baseline) or '(nothing)'}"]
         for variant in experiment.candidates:
             lines.append(f"  variant  {variant['name']}: apply {experiment.apply_command(variant)}; "
-                         f"cool down {cool:g} s; measure {each:g} s; decide; revert unless kept")
-        lines += [f"  revert   {experiment.revert}", f"  at most  {longest:g} s plus command time"]
+                         f"{per_variant:g} s at most; decide; revert unless kept")
+        lines += [f"  revert   {experiment.revert}",
+                  f"  decide   {experiment.decider or 'built-in rules'}"
+                  + ("; may stop early" if settings["EARLY_STOP"] == "yes" and not experiment.decider else ""),
+                  f"  at most  {longest:g} s of measuring plus command time"]
     lines.append(f"dry run: nothing was changed; at most {total:g} s of measuring in all")
     return "\n".join(lines)
 
@@ -3238,6 +3358,18 @@ def cmd_status(args, settings) -> int:
     return 1 if status["attention"] else 0
 
 
+def cmd_doctor(args, settings) -> int:
+    """doctor: each check with ok or FIX and the command that fixes it; exit 1 when something needs fixing."""
+    checks = doctor_checks(Home(args.home), settings)
+    for name, ok, detail, fix in checks:
+        print(f"{'ok ' if ok else 'FIX'}  {name}: {detail}")
+        if not ok and fix:
+            print(f"     -> {fix}")
+    broken = sum(not ok for _, ok, _, _ in checks)
+    print("all good" if not broken else f"{broken} thing(s) to fix")
+    return 1 if broken else 0
+
+
 def cmd_decide(args, settings) -> int:
     """decide BASELINE.csv VARIANT.csv: keep/revert on stdout, the figures on stderr."""
     result = decide_files(args.baseline, args.variant, Thresholds(settings))
@@ -3318,7 +3450,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("variant", metavar="VARIANT")
     revert = command("revert", cmd_revert, "revert an experiment's kept variant")
     revert.add_argument("experiment", metavar="EXPERIMENT")
-    command("doctor", _not_built("the deploy issue"), "check the installation")
+    command("doctor", cmd_doctor, "check the installation and say what to fix")
     status = command("status", cmd_status, "what is applied, the last verdicts, what needs attention")
     status.add_argument("--json", action="store_true", help="one JSON object")
     status.add_argument("--runs", type=int, default=10, metavar="N", help="recent runs to list (default 10)")

@@ -1,0 +1,367 @@
+#!/usr/bin/env bash
+# deploy/install.sh - install or upgrade smart.py on a Debian/Ubuntu box (DEPLOYMENT.md).
+#
+#   sudo deploy/install.sh [--server-name NAME] [--port N]      install, or upgrade in place
+#   deploy/install.sh --dry-run                                  print each action, change nothing
+#   deploy/install.sh --prefix DIR [--nginx-conf FILE]           everything under DIR (tests)
+#
+# Idempotent: a second run changes nothing and says so; an upgrade replaces the code (smart.py,
+# www/, the shipped experiments, units, helper, sudoers, site) and keeps what is yours:
+# smart.conf is written once and never overwritten, var/ is never touched, a shipped experiment
+# file you edited is kept (the new version lands beside it as FILE.dist), and the helper's config
+# /etc/smart/nginx-helper.conf is kept unless --nginx-conf, --nginx-bin or --reload is given.
+#
+# With --prefix DIR every path lives under DIR (DIR/opt/smart, DIR/etc/..., DIR/usr/local/sbin)
+# and the installed files name those paths (the helper's fixed config path included); no user is
+# created, nothing is chowned to smart, systemctl and the real nginx are left alone.
+set -euo pipefail
+umask 022
+
+usage() {
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    cat <<'EOF'
+options:
+  --prefix DIR        install under DIR (no user, no systemctl, no chown; for tests)
+  --dry-run           print what would be done; change nothing
+  --server-name NAME  the dashboard's nginx server_name (default: hostname -f)
+  --port N            the dashboard's port (default 80)
+  --python PATH       the python3 (3.11+) the service runs (default /usr/bin/python3)
+  --nginx-conf FILE   the nginx.conf the helper edits (default /etc/nginx/nginx.conf)
+  --nginx-bin FILE    the nginx binary the helper runs (default: nginx on PATH, else /usr/sbin/nginx)
+  --reload MODE       how the helper reloads nginx: auto (systemctl when systemd runs nginx,
+                      else nginx -s reload), systemd or signal (default auto)
+  --no-start          install but do not enable the timer
+EOF
+}
+
+die() { echo "install.sh: error: $*" >&2; exit 1; }
+warn() { echo "install.sh: warning: $*" >&2; WARNINGS=$((WARNINGS + 1)); }
+say() { echo "  $*"; }
+
+PREFIX="" DRY=0 SERVER_NAME="" PORT=80 PYTHON=/usr/bin/python3 NO_START=0
+NGINX_CONF="" NGINX_BIN="" RELOAD="" HELPER_CONF_GIVEN=0 WARNINGS=0 PORT_FLAG=0
+while (($#)); do
+    case "$1" in
+        --prefix) PREFIX=${2:?--prefix needs a folder}; shift ;;
+        --dry-run) DRY=1 ;;
+        --server-name) SERVER_NAME=${2:?--server-name needs a name}; shift ;;
+        --port) PORT=${2:?--port needs a number}; PORT_FLAG=1; shift ;;
+        --python) PYTHON=${2:?--python needs a path}; shift ;;
+        --nginx-conf) NGINX_CONF=${2:?--nginx-conf needs a file}; HELPER_CONF_GIVEN=1; shift ;;
+        --nginx-bin) NGINX_BIN=${2:?--nginx-bin needs a file}; HELPER_CONF_GIVEN=1; shift ;;
+        --reload) RELOAD=${2:?--reload needs auto, systemd or signal}; HELPER_CONF_GIVEN=1; shift ;;
+        --no-start) NO_START=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option '$1'" ;;
+    esac
+    shift
+done
+
+SAFE_PATH='^/[A-Za-z0-9._/+-]*$'
+if [[ -n $PREFIX ]]; then
+    [[ $PREFIX == /* ]] || PREFIX="$(pwd)/$PREFIX"
+    PREFIX=${PREFIX%/}
+    [[ $PREFIX =~ $SAFE_PATH ]] || die "--prefix '$PREFIX': use a path of letters, digits and ._/+- only"
+fi
+for path in "$PYTHON" "${NGINX_CONF:-/x}" "${NGINX_BIN:-/x}"; do
+    [[ $path =~ $SAFE_PATH ]] || die "'$path': use an absolute path of letters, digits and ._/+- only"
+done
+[[ $PORT =~ ^[1-9][0-9]{0,4}$ ]] && ((PORT <= 65535)) || die "--port '$PORT' is not a port number"
+[[ -z $RELOAD || $RELOAD =~ ^(auto|systemd|signal)$ ]] || die "--reload must be auto, systemd or signal"
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[[ -f $SRC/smart.py && -d $SRC/deploy && -d $SRC/experiments ]] ||
+    die "$SRC does not look like the smart.py repository (smart.py, deploy/, experiments/)"
+
+# Where everything goes (the real paths are the ones the units, sudoers and site name).
+OPT=$PREFIX/opt/smart
+UNITS=$PREFIX/etc/systemd/system
+SUDOERS=$PREFIX/etc/sudoers.d/smart-server
+HELPER=$PREFIX/usr/local/sbin/smart-nginx
+HELPER_CONF=$PREFIX/etc/smart/nginx-helper.conf
+HELPER_STATE=$PREFIX/var/lib/smart-nginx
+NGINX_DIR=$PREFIX/etc/nginx
+[[ -n $NGINX_CONF ]] || NGINX_CONF=$NGINX_DIR/nginx.conf
+[[ -n $NGINX_BIN ]] || NGINX_BIN=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
+[[ -n $RELOAD ]] || RELOAD=auto
+if [[ -z $PREFIX && ! -d $NGINX_DIR/sites-available && -d $NGINX_DIR/conf.d ]]; then
+    SITE=$NGINX_DIR/conf.d/smart.conf SITE_LINK=""            # upstream nginx packages: conf.d only
+else
+    SITE=$NGINX_DIR/sites-available/smart SITE_LINK=$NGINX_DIR/sites-enabled/smart
+fi
+# An upgrade keeps the server name and port the installed site has, unless told otherwise.
+if [[ -f $SITE ]]; then
+    [[ -n $SERVER_NAME ]] || SERVER_NAME=$(awk '$1 == "server_name" { sub(";", "", $2); print $2; exit }' "$SITE")
+    if [[ $PORT_FLAG == 0 ]]; then
+        old_port=$(awk '$1 == "listen" && $2 ~ /^[0-9]+;$/ { sub(";", "", $2); print $2; exit }' "$SITE")
+        [[ -z $old_port ]] || PORT=$old_port
+    fi
+fi
+[[ -n $SERVER_NAME ]] || SERVER_NAME=$(hostname -f 2>/dev/null || hostname 2>/dev/null || echo _)
+[[ $SERVER_NAME =~ ^[A-Za-z0-9._-]+$ ]] || die "server name '$SERVER_NAME': letters, digits, . _ - only"
+REAL=1; [[ -n $PREFIX ]] && REAL=0
+HAVE_SYSTEMD=0; [[ $REAL == 1 && -d /run/systemd/system ]] && HAVE_SYSTEMD=1
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/smart-install.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+# --- checks before anything changes ---------------------------------------------------------
+if ((REAL)) && ((!DRY)) && [[ $(id -u) != 0 ]]; then
+    die "run as root (sudo $0 ...), or use --dry-run to see what it would do, or --prefix DIR"
+fi
+if [[ -x $PYTHON ]]; then
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+        { ((REAL)) && die "$PYTHON is older than 3.11; install python3.11+ and pass --python PATH"; warn "$PYTHON is older than 3.11"; }
+else
+    ((REAL)) && die "$PYTHON not found; apt-get install -y python3 (3.11+), or pass --python PATH"
+    warn "$PYTHON not found"
+fi
+NGINX_OK=1
+[[ -x $NGINX_BIN ]] || NGINX_OK=0
+if ((REAL)) && ((!NGINX_OK)); then die "nginx not found; apt-get install -y nginx"; fi
+VISUDO=$(command -v visudo 2>/dev/null || true)
+if ((REAL)) && [[ -z $VISUDO ]]; then die "visudo not found (package sudo); apt-get install -y sudo"; fi
+
+if ((DRY)); then echo "dry run: nothing below is done"; fi
+echo "installing smart.py into ${OPT} ($(((REAL)) && echo "this box" || echo "prefix $PREFIX"))"
+
+# --- helpers --------------------------------------------------------------------------------
+act() {   # act DESCRIPTION COMMAND...: run it (or, in a dry run, say it would)
+    local what=$1; shift
+    if ((DRY)); then say "would $what"; else "$@"; say "$what"; fi
+}
+ensure_dir() {   # ensure_dir DIR MODE: create a system folder when missing (an existing one is left as it is)
+    local dir=$1 mode=$2
+    if [[ ! -d $dir ]]; then
+        act "create $dir" install -d -m "$mode" "$dir"
+    fi
+}
+own_dir() {   # own_dir DIR MODE OWNER:GROUP: one of our folders: create it, and keep its mode and owner right
+    local dir=$1 mode=$2 owner=$3
+    ensure_dir "$dir" "$mode"
+    ((DRY)) && return 0
+    chmod "$mode" "$dir"
+    if ((REAL)); then chown "$owner" "$dir"; fi
+}
+put() {   # put SRC DEST MODE [OWNER:GROUP]: install when missing or different
+    local src=$1 dest=$2 mode=$3 owner=${4:-root:root}
+    if [[ -f $dest && ! -L $dest ]] && cmp -s "$src" "$dest"; then
+        say "unchanged $dest"
+    else
+        act "$([[ -e $dest ]] && echo update || echo install) $dest" install -m "$mode" "$src" "$dest"
+    fi
+    ((DRY)) && return 0
+    chmod "$mode" "$dest"
+    if ((REAL)); then chown "$owner" "$dest"; fi
+}
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+MANIFEST=$OPT/.shipped
+NEW_MANIFEST=$WORK/shipped
+: >"$NEW_MANIFEST"
+shipped_hash() { [[ -f $MANIFEST ]] && awk -v f="$1" '$2 == f { print $1 }' "$MANIFEST" || true; }
+conffile() {   # conffile SRC DEST MODE REL: update only when you have not edited it since the last install
+    local src=$1 dest=$2 mode=$3 rel=$4 old
+    old=$(shipped_hash "$rel")
+    if [[ -e $dest ]] && ! cmp -s "$src" "$dest" && [[ $(sha "$dest") != "$old" ]]; then
+        warn "kept $dest: you changed it; the new version is $dest.dist (compare and merge)"
+        put "$src" "$dest.dist" 0644
+        echo "${old:-edited} $rel" >>"$NEW_MANIFEST"
+    else
+        put "$src" "$dest" "$mode"
+        echo "$(sha "$src") $rel" >>"$NEW_MANIFEST"
+    fi
+}
+render() {   # render SRC NAME: a copy of SRC in $WORK with the real paths replaced by the prefixed ones
+    local out=$WORK/$2
+    sed -e "s#/opt/smart#$OPT#g" \
+        -e "s#/usr/local/sbin/smart-nginx#$HELPER#g" \
+        -e "s#/etc/smart/nginx-helper.conf#$HELPER_CONF#g" \
+        "$1" >"$out"
+    echo "$out"
+}
+
+# --- 1. the smart user ----------------------------------------------------------------------
+if ((REAL)); then
+    if getent passwd smart >/dev/null; then
+        say "unchanged user smart"
+    else
+        act "create system user smart (home /opt/smart, no login shell)" \
+            useradd --system --user-group --home-dir /opt/smart --no-create-home \
+            --shell /usr/sbin/nologin --comment "smart.py experiment agent" smart
+    fi
+fi
+
+# --- 2. /opt/smart: code root-owned and read-only to smart; var/ smart's ------------------------
+own_dir "$OPT" 0755 root:root
+put "$SRC/smart.py" "$OPT/smart.py" 0755
+[[ -f $SRC/DEPLOYMENT.md ]] && put "$SRC/DEPLOYMENT.md" "$OPT/DEPLOYMENT.md" 0644
+own_dir "$OPT/www" 0755 root:root
+found_www=0
+for file in "$SRC"/www/*; do
+    [[ -f $file ]] || continue
+    found_www=1
+    put "$file" "$OPT/www/$(basename "$file")" 0644
+done
+((found_www)) || warn "$SRC/www/ has no files: the dashboard page (www/index.html) is missing"
+own_dir "$OPT/experiments" 0755 root:root
+for dir in "$SRC"/experiments/*/; do
+    name=$(basename "$dir")
+    own_dir "$OPT/experiments/$name" 0755 root:root
+    for file in "$dir"*; do
+        [[ -f $file ]] || continue
+        mode=0644; [[ -x $file ]] && mode=0755
+        conffile "$file" "$OPT/experiments/$name/$(basename "$file")" "$mode" "experiments/$name/$(basename "$file")"
+    done
+done
+put "$SRC/deploy/smart.conf.example" "$OPT/smart.conf.example" 0644
+if [[ -e $OPT/smart.conf ]]; then
+    say "kept $OPT/smart.conf (never overwritten; see smart.conf.example for what is new)"
+    if ((REAL)) && ((!DRY)); then chown root:smart "$OPT/smart.conf"; chmod 0640 "$OPT/smart.conf"; fi
+else
+    put "$SRC/deploy/smart.conf.example" "$OPT/smart.conf" 0640 root:smart
+fi
+own_dir "$OPT/var" 0755 smart:smart
+# a run started by hand as root leaves root-owned files the service cannot replace
+((REAL)) && ((!DRY)) && chown -R smart:smart "$OPT/var"
+
+# --- 3. the helper, its root-owned config, and its backup folder ------------------------------
+ensure_dir "$(dirname "$HELPER")" 0755
+sed "s#^CONFIG = \"/etc/smart/nginx-helper.conf\"\$#CONFIG = \"$HELPER_CONF\"#" \
+    "$SRC/deploy/smart-nginx" >"$WORK/smart-nginx"
+grep -qx "CONFIG = \"$HELPER_CONF\"" "$WORK/smart-nginx" ||
+    die "deploy/smart-nginx has no line CONFIG = \"/etc/smart/nginx-helper.conf\" to point at $HELPER_CONF"
+put "$WORK/smart-nginx" "$HELPER" 0755
+own_dir "$(dirname "$HELPER_CONF")" 0755 root:root
+cat >"$WORK/nginx-helper.conf" <<EOF
+# $HELPER_CONF - read by $HELPER (which runs as root) and by nobody's
+# environment: the helper's path to this file is fixed in the helper itself.  Root-owned, not
+# writable by anyone else (the helper refuses to run otherwise).  Written by deploy/install.sh.
+#
+# The nginx.conf whose worker_processes the helper edits (backed up first, tested, reloaded):
+NGINX_CONF=$NGINX_CONF
+# The nginx binary that tests (nginx -t) and, with RELOAD=signal, reloads:
+NGINX_BIN=$NGINX_BIN
+# How to reload: systemd (systemctl reload nginx), signal (nginx -s reload -c NGINX_CONF), or
+# auto (systemd when systemd is running and nginx is active under it, else signal):
+RELOAD=$RELOAD
+# Where the helper keeps the backup of nginx.conf that restore puts back (root, 0700):
+STATE_DIR=$HELPER_STATE
+EOF
+if [[ -e $HELPER_CONF ]] && ((!HELPER_CONF_GIVEN)); then
+    say "kept $HELPER_CONF (pass --nginx-conf/--nginx-bin/--reload to rewrite it)"
+    kept_conf=$(sed -n 's/^NGINX_CONF=//p' "$HELPER_CONF" | tail -n 1)
+    NGINX_CONF=${kept_conf:-$NGINX_CONF}
+    ((DRY)) || { chmod 0644 "$HELPER_CONF"; ((REAL)) && chown root:root "$HELPER_CONF"; true; }
+else
+    put "$WORK/nginx-helper.conf" "$HELPER_CONF" 0644
+fi
+own_dir "$HELPER_STATE" 0700 root:root
+[[ -e $NGINX_CONF ]] || warn "$NGINX_CONF does not exist yet: the helper will fail until it does"
+
+# --- 4. sudoers: only the helper, only fixed argument vectors, checked by visudo first ---------
+ensure_dir "$(dirname "$SUDOERS")" 0755
+sudoers_src=$(render "$SRC/deploy/sudoers/smart-server" smart-server)
+if [[ -n $VISUDO ]]; then
+    "$VISUDO" -cf "$sudoers_src" >/dev/null || die "visudo rejected the sudoers drop-in; nothing installed"
+    say "visudo -cf: sudoers drop-in parsed OK"
+else
+    warn "visudo not found: the sudoers drop-in was not validated (apt-get install -y sudo)"
+fi
+put "$sudoers_src" "$SUDOERS" 0440
+
+# --- 5. systemd units ----------------------------------------------------------------------
+ensure_dir "$UNITS" 0755
+service_src=$(render "$SRC/deploy/systemd/smart-experiment.service" smart-experiment.service)
+sed -i "s#^ExecStart=/usr/bin/python3 #ExecStart=$PYTHON #" "$service_src"
+put "$service_src" "$UNITS/smart-experiment.service" 0644
+put "$(render "$SRC/deploy/systemd/smart-experiment.timer" smart-experiment.timer)" \
+    "$UNITS/smart-experiment.timer" 0644
+
+# --- 6. the nginx site ---------------------------------------------------------------------
+site_src=$(render "$SRC/deploy/nginx/smart.conf" smart-site)
+sed -i -e "s#smart\.example\.org#$SERVER_NAME#g" \
+       -e "s#^\(    listen \)80;#\1$PORT;#" -e "s#^\(    listen \[::\]:\)80;#\1$PORT;#" "$site_src"
+if [[ ! -e /proc/net/if_inet6 ]]; then
+    sed -i '/^    listen \[::\]:/d' "$site_src"     # no IPv6 here: nginx could not bind [::]
+fi
+ensure_dir "$(dirname "$SITE")" 0755
+site_before=""
+[[ -f $SITE ]] && { site_before=$WORK/site.before; cp "$SITE" "$site_before"; }
+conffile "$site_src" "$SITE" 0644 nginx-site     # certbot edits this file: an upgrade keeps its edits
+if [[ -n $SITE_LINK ]]; then
+    ensure_dir "$(dirname "$SITE_LINK")" 0755
+    if [[ -L $SITE_LINK && $(readlink "$SITE_LINK") == "$SITE" ]]; then
+        say "unchanged $SITE_LINK -> $SITE"
+    else
+        act "link $SITE_LINK -> $SITE" ln -sfn "$SITE" "$SITE_LINK"
+    fi
+fi
+reload_nginx() {   # 0 reloaded, 1 the reload failed, 3 nginx is not running
+    local out
+    if ((HAVE_SYSTEMD)) && systemctl is-active --quiet nginx; then
+        out=$(systemctl reload nginx 2>&1) || { echo "$out" >&2; return 1; }
+    elif pgrep -x nginx >/dev/null 2>&1; then
+        out=$("$NGINX_BIN" -s reload 2>&1) || { echo "$out" >&2; return 1; }
+    else
+        return 3
+    fi
+}
+if ((REAL)) && ((!DRY)); then
+    if ! out=$("$NGINX_BIN" -t 2>&1); then
+        # Leave nginx as it was: the previous site file, or none.
+        if [[ -n $site_before ]]; then cp "$site_before" "$SITE"; else rm -f "$SITE" ${SITE_LINK:+"$SITE_LINK"}; fi
+        die "nginx -t failed with the dashboard site; it was taken back out:
+$out"
+    fi
+    say "nginx -t: ok"
+    status=0; reload_nginx || status=$?
+    case $status in
+        0) say "nginx reloaded" ;;
+        3) warn "nginx is not running; start it: systemctl enable --now nginx" ;;
+        *) warn "the nginx reload failed: see systemctl status nginx" ;;
+    esac
+elif ((REAL)); then
+    say "would run nginx -t, then reload nginx"
+fi
+
+# --- 7. first dashboard files, then the timer ----------------------------------------------
+if ((!DRY)); then
+    if ((REAL)); then
+        runuser -u smart -- "$PYTHON" "$OPT/smart.py" --home "$OPT" dashboard >/dev/null ||
+            warn "smart.py dashboard failed: run 'python3 $OPT/smart.py doctor'"
+    elif [[ -x $PYTHON ]]; then
+        "$PYTHON" "$OPT/smart.py" --home "$OPT" dashboard >/dev/null || warn "smart.py dashboard failed"
+    fi
+    say "published $OPT/var/history.json"
+fi
+if ((REAL)); then
+    if ((HAVE_SYSTEMD)); then
+        act "systemctl daemon-reload" systemctl daemon-reload
+        if ((NO_START)); then
+            say "timer not enabled (--no-start): systemctl enable --now smart-experiment.timer"
+        else
+            act "enable and start smart-experiment.timer" systemctl enable --now smart-experiment.timer
+        fi
+    else
+        warn "systemd is not running here: the timer cannot start; run '$PYTHON $OPT/smart.py run' as smart from cron every 30 minutes"
+    fi
+fi
+
+if ((!DRY)); then
+    cp "$NEW_MANIFEST" "$MANIFEST"
+    chmod 0644 "$MANIFEST"
+fi
+
+# --- done ----------------------------------------------------------------------------------
+url="http://$SERVER_NAME/"
+[[ $PORT == 80 ]] || url="http://$SERVER_NAME:$PORT/"
+echo
+if ((DRY)); then echo "dry run: nothing was changed"; else echo "smart.py is installed in $OPT"; fi
+echo "  dashboard:  $url"
+if ((REAL)); then
+    echo "  try a run:  sudo -u smart $PYTHON $OPT/smart.py run --dry-run"
+    echo "  run now:    sudo systemctl start --no-block smart-experiment; journalctl -fu smart-experiment"
+    echo "  check:      sudo $PYTHON $OPT/smart.py doctor"
+fi
+((WARNINGS == 0)) || echo "  $WARNINGS warning(s) above"
+exit 0

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# deploy/uninstall.sh - remove what deploy/install.sh installed (DEPLOYMENT.md).
+#
+#   sudo deploy/uninstall.sh            stop and remove; keep /opt/smart/var, smart.conf, your
+#                                       own experiments and the helper's nginx.conf backup
+#   sudo deploy/uninstall.sh --purge    remove those too, and the smart user
+#   deploy/uninstall.sh --dry-run       print each action, change nothing
+#   deploy/uninstall.sh --prefix DIR    the install made with install.sh --prefix DIR
+#
+# Before anything is removed the timer and a running experiment are stopped (a stop reverts what
+# the run applied) and `smart.py recover` reverts what an interrupted run left applied; if that
+# fails, nothing is removed (--force removes anyway).  A variant that an experiment *kept* stays
+# applied: it was an improvement.  The nginx.conf from before it is the helper's backup,
+# /var/lib/smart-nginx/nginx.conf.backup, kept unless --purge.
+set -euo pipefail
+
+die() { echo "uninstall.sh: error: $*" >&2; exit 1; }
+warn() { echo "uninstall.sh: warning: $*" >&2; }
+say() { echo "  $*"; }
+
+PREFIX="" DRY=0 PURGE=0 FORCE=0
+while (($#)); do
+    case "$1" in
+        --prefix) PREFIX=${2:?--prefix needs a folder}; shift ;;
+        --dry-run) DRY=1 ;;
+        --purge) PURGE=1 ;;
+        --force) FORCE=1 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+done
+if [[ -n $PREFIX ]]; then
+    [[ $PREFIX == /* ]] || PREFIX="$(pwd)/$PREFIX"
+    PREFIX=${PREFIX%/}
+fi
+REAL=1; [[ -n $PREFIX ]] && REAL=0
+HAVE_SYSTEMD=0; [[ $REAL == 1 && -d /run/systemd/system ]] && HAVE_SYSTEMD=1
+if ((REAL)) && ((!DRY)) && [[ $(id -u) != 0 ]]; then
+    die "run as root (sudo $0), or --dry-run to see what it would do"
+fi
+
+OPT=$PREFIX/opt/smart
+UNITS=$PREFIX/etc/systemd/system
+SUDOERS=$PREFIX/etc/sudoers.d/smart-server
+HELPER=$PREFIX/usr/local/sbin/smart-nginx
+HELPER_CONF=$PREFIX/etc/smart/nginx-helper.conf
+HELPER_STATE=$PREFIX/var/lib/smart-nginx
+NGINX_DIR=$PREFIX/etc/nginx
+PYTHON=/usr/bin/python3
+if [[ -f $UNITS/smart-experiment.service ]]; then
+    PYTHON=$(sed -n 's/^ExecStart=\([^ ]*\) .*/\1/p' "$UNITS/smart-experiment.service" | head -n 1)
+fi
+
+act() {   # act DESCRIPTION COMMAND...
+    local what=$1; shift
+    if ((DRY)); then say "would $what"; else "$@"; say "$what"; fi
+}
+remove() {   # remove PATH...: each file or link that exists
+    local path
+    for path in "$@"; do
+        if [[ -e $path || -L $path ]]; then act "remove $path" rm -f "$path"; fi
+    done
+}
+remove_dir_if_empty() {
+    local dir=$1
+    if [[ -d $dir ]] && [[ -z $(ls -A "$dir") ]]; then act "remove $dir" rmdir "$dir"; fi
+}
+
+((DRY)) && echo "dry run: nothing below is done"
+echo "removing smart.py from ${OPT} ($(((REAL)) && echo "this box" || echo "prefix $PREFIX"))"
+
+# --- 1. stop: the timer, a running experiment (SIGTERM reverts), then recover ------------------
+if ((HAVE_SYSTEMD)); then
+    if systemctl list-unit-files smart-experiment.timer >/dev/null 2>&1; then
+        act "disable and stop smart-experiment.timer" systemctl disable --now smart-experiment.timer || true
+        act "stop smart-experiment.service (a running experiment reverts)" systemctl stop smart-experiment.service || true
+    fi
+fi
+if [[ -f $OPT/var/applied.json && -f $OPT/smart.py ]]; then
+    recover=("$PYTHON" "$OPT/smart.py" --home "$OPT" recover)
+    ((REAL)) && recover=(runuser -u smart -- "${recover[@]}")
+    if ((DRY)); then
+        say "would revert what an interrupted run left applied: ${recover[*]}"
+    elif "${recover[@]}"; then
+        say "reverted what an interrupted run left applied"
+    elif ((FORCE)); then
+        warn "smart.py recover failed; removing anyway (--force): check nginx.conf against $HELPER_STATE/nginx.conf.backup"
+    else
+        die "smart.py recover failed: a variant may still be applied.  Fix it first (python3 $OPT/smart.py doctor), or rerun with --force"
+    fi
+fi
+
+# --- 2. units, sudoers, helper -----------------------------------------------------------------
+remove "$UNITS/smart-experiment.timer" "$UNITS/smart-experiment.service"
+if ((HAVE_SYSTEMD)); then act "systemctl daemon-reload" systemctl daemon-reload; fi
+remove "$SUDOERS" "$HELPER" "$HELPER_CONF"
+remove_dir_if_empty "$(dirname "$HELPER_CONF")"
+if ((PURGE)); then
+    if [[ -d $HELPER_STATE ]]; then act "remove $HELPER_STATE (the helper's nginx.conf backup)" rm -rf "$HELPER_STATE"; fi
+elif [[ -d $HELPER_STATE ]]; then
+    say "kept $HELPER_STATE (the nginx.conf from before any kept variant; --purge removes it)"
+fi
+
+# --- 3. the nginx site -------------------------------------------------------------------------
+site_removed=0
+for path in "$NGINX_DIR/sites-enabled/smart" "$NGINX_DIR/sites-available/smart" "$NGINX_DIR/conf.d/smart.conf" \
+            "$NGINX_DIR/sites-available/smart.dist" "$NGINX_DIR/conf.d/smart.conf.dist"; do
+    if [[ -e $path || -L $path ]]; then remove "$path"; site_removed=1; fi
+done
+if ((REAL)) && ((site_removed)) && ((!DRY)); then
+    if nginx -t >/dev/null 2>&1; then
+        if ((HAVE_SYSTEMD)) && systemctl is-active --quiet nginx; then
+            systemctl reload nginx && say "nginx reloaded"
+        elif pgrep -x nginx >/dev/null 2>&1; then
+            nginx -s reload 2>/dev/null && say "nginx reloaded"
+        fi
+    else
+        warn "nginx -t fails after removing the site; see: nginx -t"
+    fi
+fi
+
+# --- 4. /opt/smart: the code goes; var/, smart.conf and your own experiments stay -----------------
+if [[ -d $OPT ]]; then
+    if ((PURGE)); then
+        act "remove $OPT (with var/ and smart.conf)" rm -rf "$OPT"
+    else
+        remove "$OPT/smart.py" "$OPT/smart.conf.example" "$OPT/DEPLOYMENT.md"
+        if [[ -d $OPT/www ]]; then act "remove $OPT/www" rm -rf "$OPT/www"; fi
+        # Shipped experiment files go unless you edited them (the manifest has their hashes).
+        if [[ -f $OPT/.shipped ]]; then
+            while read -r hash rel; do
+                case "$rel" in experiments/*) ;; *) continue ;; esac
+                file=$OPT/$rel
+                [[ -f $file ]] || continue
+                if [[ $(sha256sum "$file" | cut -d' ' -f1) == "$hash" ]]; then
+                    remove "$file"
+                else
+                    say "kept $file (you changed it)"
+                fi
+                remove "$file.dist"
+            done <"$OPT/.shipped"
+            remove "$OPT/.shipped"
+        fi
+        if [[ -d $OPT/experiments ]]; then
+            for dir in "$OPT"/experiments/*/; do [[ -d $dir ]] && remove_dir_if_empty "${dir%/}"; done
+            remove_dir_if_empty "$OPT/experiments"
+        fi
+        say "kept $OPT/var and $OPT/smart.conf (--purge removes them)"
+    fi
+fi
+
+# --- 5. the user -------------------------------------------------------------------------------
+if ((REAL)) && ((PURGE)) && getent passwd smart >/dev/null; then
+    act "remove user smart" userdel smart
+fi
+
+echo
+if ((DRY)); then echo "dry run: nothing was changed"; else echo "smart.py is removed"; fi
+exit 0

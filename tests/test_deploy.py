@@ -1,0 +1,882 @@
+"""The deployment (issue 6): deploy/install.sh into a temporary prefix, the sudoers drop-in, the systemd
+units, the root-owned nginx helper deploy/smart-nginx against a real nginx on loopback, and the
+dashboard's nginx site.
+
+A real nginx runs from a temporary nginx.conf (`daemon off`, a child of the test, on a port the OS
+picked) and is reloaded by `nginx -s reload -c CONF`, as on a box without systemd; it stops in
+cleanup.  nginx, visudo, systemd-analyze and /usr/bin/python3 (the helper's interpreter) are needed:
+without one a test skips, except under CI=true where it fails.  The nginx tests run as root (the
+helper's trust checks and nginx's worker user assume it).
+
+The support code at the top (NginxUnderTest, install, run_helper...) is shared with
+test_nginx_experiment.py.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO_ROOT, clean_env, import_smart  # noqa: E402
+
+smart = import_smart()
+
+DEPLOY = os.path.join(REPO_ROOT, "deploy")
+INSTALL_SH = os.path.join(DEPLOY, "install.sh")
+UNINSTALL_SH = os.path.join(DEPLOY, "uninstall.sh")
+EXPERIMENT_001 = os.path.join(REPO_ROOT, "experiments", "001_nginx_workers")
+HELPER_PYTHON = "/usr/bin/python3"          # the helper's #! line
+
+
+# ---------------------------------------------------------------- support (shared) --
+
+def need(tool_or_path):
+    """The tool's path; skip the test without it (fail under CI=true)."""
+    path = tool_or_path if os.path.isabs(tool_or_path) else shutil.which(tool_or_path)
+    if not path or not os.access(path, os.X_OK):
+        for folder in ("/usr/sbin", "/sbin"):
+            candidate = os.path.join(folder, tool_or_path)
+            if not os.path.isabs(tool_or_path) and os.access(candidate, os.X_OK):
+                return candidate
+        message = f"{tool_or_path} is not installed"
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"{message} and CI=true: this test cannot be skipped")
+        raise unittest.SkipTest(message)
+    return path
+
+
+def need_root():
+    if os.geteuid() != 0:
+        message = "needs root (nginx workers, the helper's root-owned files)"
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"{message} and CI=true")
+        raise unittest.SkipTest(message)
+
+
+def free_port() -> int:
+    """A port the OS says is free now: bind port 0, read it, close."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def install(prefix, *args, check=True):
+    """Run deploy/install.sh --prefix PREFIX ARGS; returns the CompletedProcess."""
+    done = subprocess.run(["bash", INSTALL_SH, "--prefix", prefix, *args], capture_output=True, text=True,
+                          timeout=60, env=clean_env(), stdin=subprocess.DEVNULL)
+    if check and done.returncode != 0:
+        raise AssertionError(f"install.sh exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def uninstall(prefix, *args):
+    return subprocess.run(["bash", UNINSTALL_SH, "--prefix", prefix, *args], capture_output=True, text=True,
+                          timeout=60, env=clean_env(), stdin=subprocess.DEVNULL)
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def worker_value(conf_bytes: bytes):
+    """The argument of the (uncommented) worker_processes directive."""
+    found = re.findall(rb"^\s*worker_processes\s+([^;\s]+)\s*;", conf_bytes, re.M)
+    return found[0].decode() if len(found) == 1 else found
+
+
+def without_workers(conf_bytes: bytes) -> bytes:
+    return re.sub(rb"^(\s*worker_processes\s+)[^;\s]+", rb"\1X", conf_bytes, flags=re.M)
+
+
+def http_get(port, path="/", host="127.0.0.1", timeout=5):
+    """(status, headers as a dict of lower-case names, body) of one GET on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+class NginxUnderTest:
+    """A real nginx on 127.0.0.1:<free port> from a temporary nginx.conf, run as a child (`daemon off`).
+
+    The main context includes ROOT/extra.conf (empty at first) so a test can make `nginx -t` fail
+    without touching worker_processes; `sites` are extra files included in the http block.
+    """
+
+    def __init__(self, root, workers="1", sites=()):
+        self.nginx = need("nginx")
+        self.root = root
+        os.chmod(root, 0o755)                       # workers run as nobody and must read html/
+        self.port = free_port()
+        self.conf = os.path.join(root, "nginx.conf")
+        self.pid_file = os.path.join(root, "nginx.pid")
+        self.error_log = os.path.join(root, "error.log")
+        self.extra = os.path.join(root, "extra.conf")
+        html = os.path.join(root, "html")
+        os.makedirs(html, exist_ok=True)
+        with open(os.path.join(html, "index.html"), "w") as handle:
+            handle.write("<html><body>hello from the test nginx</body></html>\n")
+        with open(self.extra, "w") as handle:
+            handle.write("# main-context include; a test writes a bad directive here to break nginx -t\n")
+        temp = os.path.join(root, "tmp")
+        os.makedirs(temp, exist_ok=True)
+        includes = "".join(f"    include {site};\n" for site in sites)
+        text = f"""# nginx.conf of a test (tests/test_deploy.py)
+worker_processes {workers};
+daemon off;
+pid {self.pid_file};
+error_log {self.error_log} notice;
+include {self.extra};
+
+events {{
+    worker_connections 512;
+}}
+
+http {{
+    access_log off;
+    types {{ text/html html; application/json json; text/css css; text/javascript js; }}
+    default_type application/octet-stream;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    keepalive_timeout 30s;
+
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {html};
+    }}
+{includes}}}
+"""
+        with open(self.conf, "w") as handle:
+            handle.write(text)
+        self.original = text.encode()
+        self.process = None
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self):
+        test = subprocess.run([self.nginx, "-t", "-q", "-c", self.conf], capture_output=True, text=True, timeout=20)
+        if test.returncode != 0:
+            raise AssertionError(f"the test nginx.conf fails nginx -t:\n{test.stderr}")
+        self.log = open(os.path.join(self.root, "nginx.out"), "wb")
+        self.process = subprocess.Popen([self.nginx, "-c", self.conf], stdout=self.log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"nginx exited {self.process.returncode}: {self.errors()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    pass
+                if os.path.exists(self.pid_file):
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise AssertionError(f"nginx did not listen on {self.port}: {self.errors()}")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None:
+            self.log.close()
+
+    def errors(self):
+        try:
+            with open(self.error_log, errors="replace") as handle:
+                return handle.read()[-2000:]
+        except OSError:
+            return "(no error log)"
+
+    def workers(self):
+        """Command lines of the master's live worker processes (not those shutting down)."""
+        master = self.process.pid
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == master and "worker process" in cmdline and "shutting down" not in cmdline:
+                found.append(cmdline)
+        return found
+
+    def wait_workers(self, count, timeout=10):
+        """Wait until exactly `count` live workers run; returns the last count seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = len(self.workers())
+            if seen == count or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.05)
+
+
+def expected_auto_workers():
+    """What nginx's `worker_processes auto` may start here (online CPUs, or the affinity mask)."""
+    counts = {os.cpu_count() or 1}
+    try:
+        counts.add(len(os.sched_getaffinity(0)))
+    except AttributeError:
+        pass
+    return counts
+
+
+class Prober(threading.Thread):
+    """GET / every `period` seconds on a fresh connection until stopped: records every failure."""
+
+    def __init__(self, port, period=0.01):
+        super().__init__(daemon=True)
+        self.port, self.period = port, period
+        self.requests = 0
+        self.failures = []
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                status, _, _ = http_get(self.port, timeout=3)
+                if status != 200:
+                    self.failures.append(f"HTTP {status}")
+            except OSError as exc:
+                self.failures.append(repr(exc))
+            self.requests += 1
+            self.halt.wait(self.period)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.halt.set()
+        self.join(10)
+
+
+class Deployed:
+    """install.sh into ROOT/prefix, with the helper pointed at a test nginx's nginx.conf."""
+
+    def __init__(self, root, nginx: NginxUnderTest, *extra_args, nginx_bin=None):
+        self.prefix = os.path.join(root, "prefix")
+        self.result = install(self.prefix, "--nginx-conf", nginx.conf, "--reload", "signal",
+                              "--nginx-bin", nginx_bin or nginx.nginx, "--server-name", "smart.test",
+                              *extra_args)
+        self.opt = os.path.join(self.prefix, "opt", "smart")
+        self.helper = os.path.join(self.prefix, "usr", "local", "sbin", "smart-nginx")
+        self.state_dir = os.path.join(self.prefix, "var", "lib", "smart-nginx")
+        self.site = os.path.join(self.prefix, "etc", "nginx", "sites-enabled", "smart")
+
+
+def run_helper(helper, *args, env=None):
+    """Run the installed helper through its own #! line (python3 -I); (code, stdout, stderr)."""
+    done = subprocess.run([helper, *args], capture_output=True, text=True, timeout=90,
+                          env=env if env is not None else clean_env(), stdin=subprocess.DEVNULL)
+    return done.returncode, done.stdout, done.stderr
+
+
+def tree(root):
+    """Every path under root, relative, with a / after folders."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        for name in dirs:
+            found.add(os.path.normpath(os.path.join(rel, name)) + "/")
+        for name in files:
+            found.add(os.path.normpath(os.path.join(rel, name)))
+    return found
+
+
+def unit_settings(path):
+    """{key: [values]} of a unit file (comments and section headers left out)."""
+    settings = {}
+    with open(path) as handle:
+        for line in handle:
+            line = line.strip()
+            if not line or line.startswith(("#", ";", "[")):
+                continue
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def seconds(value: str) -> float:
+    """A systemd time span ('25min', '90s', '1h 5min') in seconds."""
+    units = {"h": 3600, "min": 60, "m": 60, "s": 1, "sec": 1, "": 1}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value):
+        total += float(number) * units[unit]
+    return total
+
+
+# ---------------------------------------------------------------- install.sh --
+
+class InstallTest(unittest.TestCase):
+    """install.sh --prefix: the layout, the files it renders, idempotence, conffiles, dry run, uninstall."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="smart-deploy-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.prefix = os.path.join(self.root, "prefix")
+        self.nginx_conf = os.path.join(self.root, "nginx.conf")
+        with open(self.nginx_conf, "w") as handle:
+            handle.write("worker_processes 1;\nevents {}\n")
+
+    def install(self, *args, check=True):
+        return install(self.prefix, "--nginx-conf", self.nginx_conf, "--reload", "signal", *args, check=check)
+
+    def path(self, *parts):
+        return os.path.join(self.prefix, *parts)
+
+    def test_layout(self):
+        result = self.install("--server-name", "smart.test", "--port", "8081")
+        expected = {
+            "opt/smart/", "opt/smart/smart.py", "opt/smart/smart.conf", "opt/smart/smart.conf.example",
+            "opt/smart/www/", "opt/smart/experiments/", "opt/smart/experiments/001_nginx_workers/",
+            "opt/smart/experiments/001_nginx_workers/meta.json", "opt/smart/experiments/001_nginx_workers/apply.sh",
+            "opt/smart/experiments/001_nginx_workers/revert.sh", "opt/smart/var/",
+            "etc/systemd/system/smart-experiment.service", "etc/systemd/system/smart-experiment.timer",
+            "etc/sudoers.d/smart-server", "usr/local/sbin/smart-nginx", "etc/smart/nginx-helper.conf",
+            "var/lib/smart-nginx/", "etc/nginx/sites-available/smart", "etc/nginx/sites-enabled/smart",
+        }
+        found = tree(self.prefix)
+        self.assertFalse(expected - found, f"missing after install: {sorted(expected - found)}")
+        modes = {
+            "opt/smart/smart.py": 0o755, "opt/smart/smart.conf": 0o640, "etc/sudoers.d/smart-server": 0o440,
+            "usr/local/sbin/smart-nginx": 0o755, "etc/smart/nginx-helper.conf": 0o644,
+            "var/lib/smart-nginx": 0o700, "opt/smart/var": 0o755,
+            "opt/smart/experiments/001_nginx_workers/apply.sh": 0o755,
+        }
+        for rel, mode in modes.items():
+            self.assertEqual(stat.S_IMODE(os.stat(self.path(rel)).st_mode), mode, rel)
+        for rel in os.listdir(self.path("opt", "smart", "www")):
+            self.assertTrue(os.path.isfile(self.path("opt", "smart", "www", rel)))
+        # The repository's files, copied as they are.
+        self.assertEqual(read_bytes(self.path("opt/smart/smart.py")), read_bytes(os.path.join(REPO_ROOT, "smart.py")))
+        for name in os.listdir(EXPERIMENT_001):
+            self.assertEqual(read_bytes(self.path("opt/smart/experiments/001_nginx_workers", name)),
+                             read_bytes(os.path.join(EXPERIMENT_001, name)), name)
+        self.assertEqual(read_bytes(self.path("opt/smart/smart.conf")),
+                         read_bytes(os.path.join(DEPLOY, "smart.conf.example")))
+        # The helper's fixed config path now names the prefix's copy, and nothing else changed.
+        helper = read_bytes(self.path("usr/local/sbin/smart-nginx")).decode()
+        config_path = self.path("etc/smart/nginx-helper.conf")
+        self.assertIn(f'\nCONFIG = "{config_path}"\n', helper)
+        self.assertEqual(helper.replace(config_path, "/etc/smart/nginx-helper.conf"),
+                         read_bytes(os.path.join(DEPLOY, "smart-nginx")).decode())
+        self.assertTrue(helper.startswith("#!/usr/bin/python3 -I\n"))
+        with open(config_path) as handle:
+            settings = dict(line.strip().split("=", 1) for line in handle if "=" in line and not line.startswith("#"))
+        self.assertEqual(settings["NGINX_CONF"], self.nginx_conf)
+        self.assertEqual(settings["RELOAD"], "signal")
+        self.assertEqual(settings["STATE_DIR"], self.path("var/lib/smart-nginx"))
+        # The units and the site name the prefix's paths.
+        service = unit_settings(self.path("etc/systemd/system/smart-experiment.service"))
+        self.assertEqual(service["ExecStart"], [f"/usr/bin/python3 {self.path('opt/smart/smart.py')} run"])
+        self.assertEqual(service["WorkingDirectory"], [self.path("opt/smart")])
+        with open(self.path("etc/nginx/sites-enabled/smart")) as handle:
+            site = handle.read()
+        self.assertIn("server_name smart.test;", site)
+        self.assertIn("listen 8081;", site)
+        self.assertNotIn("/opt/smart/", site.replace(self.path("opt/smart/"), ""))
+        self.assertEqual(os.readlink(self.path("etc/nginx/sites-enabled/smart")),
+                         self.path("etc/nginx/sites-available/smart"))
+        self.assertIn("http://smart.test:8081/", result.stdout)
+        self.assertTrue(os.path.isfile(self.path("opt/smart/var/history.json")), "first dashboard files published")
+
+    def test_second_run_changes_nothing_and_keeps_what_is_yours(self):
+        self.install("--server-name", "smart.test", "--port", "8081")
+        before = {rel: read_bytes(self.path(rel)) for rel in tree(self.prefix) if not rel.endswith("/")
+                  and not os.path.islink(self.path(rel))}
+        again = self.install()            # an upgrade without options keeps the site's name and port
+        for line in again.stdout.splitlines():
+            self.assertNotRegex(line, r"^\s+(install|update|create|link) ", f"second run changed something:\n{again.stdout}")
+        after = {rel: read_bytes(self.path(rel)) for rel in before}
+        changed = [rel for rel in before if before[rel] != after[rel] and rel != "opt/smart/var/history.json"]
+        self.assertEqual(changed, [])
+        # Your smart.conf, your edit of a shipped experiment, your helper config: all kept.
+        conf = self.path("opt/smart/smart.conf")
+        with open(conf, "a") as handle:
+            handle.write("KEEP_RUNS=50\n")
+        meta = self.path("opt/smart/experiments/001_nginx_workers/meta.json")
+        edited = read_bytes(meta).replace(b"http://127.0.0.1/", b"http://127.0.0.1:8080/")
+        with open(meta, "wb") as handle:
+            handle.write(edited)
+        upgrade = self.install(check=False)
+        self.assertEqual(upgrade.returncode, 0, upgrade.stderr)
+        self.assertTrue(read_bytes(conf).endswith(b"KEEP_RUNS=50\n"))
+        self.assertEqual(read_bytes(meta), edited)
+        self.assertEqual(read_bytes(meta + ".dist"), read_bytes(os.path.join(EXPERIMENT_001, "meta.json")))
+        self.assertIn("kept", upgrade.stderr)
+        # An unedited shipped file that the new version changes is updated.
+        apply_sh = self.path("opt/smart/experiments/001_nginx_workers/apply.sh")
+        with open(os.path.join(self.path("opt/smart"), ".shipped")) as handle:
+            self.assertIn("experiments/001_nginx_workers/apply.sh", handle.read())
+        self.assertEqual(read_bytes(apply_sh), read_bytes(os.path.join(EXPERIMENT_001, "apply.sh")))
+
+    def test_dry_run_changes_nothing(self):
+        result = self.install("--dry-run")
+        self.assertFalse(os.path.exists(self.prefix), f"--dry-run created {sorted(tree(self.prefix))}")
+        self.assertIn("would install", result.stdout)
+        self.assertIn(self.path("usr/local/sbin/smart-nginx"), result.stdout)
+        self.assertIn("nothing was changed", result.stdout)
+        self.install()
+        before = {rel: read_bytes(self.path(rel)) for rel in tree(self.prefix) if not rel.endswith("/")}
+        result = self.install("--dry-run", "--port", "9999")
+        self.assertIn("would update", result.stdout)
+        self.assertEqual({rel: read_bytes(self.path(rel)) for rel in before}, before)
+
+    def test_bad_options_are_refused(self):
+        for args in (["--port", "0"], ["--port", "80;"], ["--server-name", "a b"], ["--reload", "sometimes"],
+                     ["--bogus"], ["--nginx-conf", "/etc/nginx/nginx.conf;rm"]):
+            result = self.install(*args, check=False)
+            self.assertNotEqual(result.returncode, 0, args)
+            self.assertIn("install.sh", result.stderr)
+            self.assertFalse(os.path.exists(self.prefix), args)
+
+    def test_uninstall_keeps_var_unless_purge(self):
+        self.install()
+        os.makedirs(self.path("opt/smart/var/runs/20260101T000000"))
+        with open(self.path("opt/smart/var/state.json"), "w") as handle:
+            handle.write("{}\n")
+        dry = uninstall(self.prefix, "--dry-run")
+        self.assertEqual(dry.returncode, 0, dry.stderr)
+        self.assertTrue(os.path.exists(self.path("usr/local/sbin/smart-nginx")))
+        done = uninstall(self.prefix)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        left = tree(self.prefix)
+        self.assertIn("opt/smart/var/state.json", left)
+        self.assertIn("opt/smart/var/runs/20260101T000000/", left)
+        self.assertIn("opt/smart/smart.conf", left)
+        for gone in ("opt/smart/smart.py", "opt/smart/www/", "opt/smart/experiments/", "usr/local/sbin/smart-nginx",
+                     "etc/sudoers.d/smart-server", "etc/smart/nginx-helper.conf", "etc/nginx/sites-enabled/smart",
+                     "etc/systemd/system/smart-experiment.service", "etc/systemd/system/smart-experiment.timer"):
+            self.assertNotIn(gone, left)
+        purge = uninstall(self.prefix, "--purge")
+        self.assertEqual(purge.returncode, 0, purge.stderr)
+        self.assertFalse(os.path.exists(self.path("opt/smart")))
+        self.assertFalse(os.path.exists(self.path("var/lib/smart-nginx")))
+
+
+# ---------------------------------------------------------------- sudoers, units --
+
+class SudoersTest(unittest.TestCase):
+    """The drop-in allows the helper alone, with fixed argument vectors, and visudo accepts it."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="smart-sudoers-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+
+    def rules(self, path):
+        with open(path) as handle:
+            lines = [line.rstrip("\n") for line in handle]
+        return lines, [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+    def test_repository_and_installed_drop_ins(self):
+        visudo = need("visudo")
+        prefix = os.path.join(self.root, "prefix")
+        install(prefix)
+        helper = os.path.join(prefix, "usr/local/sbin/smart-nginx")
+        for path, helper_path in ((os.path.join(DEPLOY, "sudoers", "smart-server"), "/usr/local/sbin/smart-nginx"),
+                                  (os.path.join(prefix, "etc/sudoers.d/smart-server"), helper)):
+            with self.subTest(path=path):
+                check = subprocess.run([visudo, "-cf", path], capture_output=True, text=True, timeout=20)
+                self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+                lines, rules = self.rules(path)
+                for line in lines:
+                    self.assertNotIn("*", line, "no wildcard anywhere in the drop-in")
+                vectors = []
+                for rule in rules:
+                    if rule.startswith("Defaults"):
+                        self.assertEqual(rule, "Defaults:smart !requiretty")
+                        continue
+                    match = re.fullmatch(r"smart ALL=\(root\) NOPASSWD: (\S+)((?: [a-z0-9-]+)+)", rule)
+                    self.assertIsNotNone(match, f"unexpected rule {rule!r}")
+                    self.assertEqual(match.group(1), helper_path)
+                    self.assertNotRegex(rule, r"[?\[\]\\,:=]\s*$|ALL\s*$")
+                    vectors.append(match.group(2).split())
+                self.assertIn(["set-workers", "auto"], vectors)
+                self.assertIn(["set-workers", "2"], vectors)
+                self.assertIn(["restore"], vectors)
+                for vector in vectors:
+                    self.assertIn(vector[0], ("set-workers", "test", "backup", "restore"))
+                    self.assertEqual(len(vector), 2 if vector[0] == "set-workers" else 1, vector)
+
+    def test_every_apply_and_revert_of_001_is_an_allowed_vector(self):
+        _, rules = self.rules(os.path.join(DEPLOY, "sudoers", "smart-server"))
+        allowed = {rule.split("NOPASSWD: /usr/local/sbin/smart-nginx ", 1)[1] for rule in rules if "NOPASSWD" in rule}
+        with open(os.path.join(EXPERIMENT_001, "apply.sh")) as handle:
+            used = set(re.findall(r"\$helper ([a-z0-9 -]+?)\s*;;", handle.read()))
+        with open(os.path.join(EXPERIMENT_001, "revert.sh")) as handle:
+            used |= set(re.findall(r"\$helper ([a-z0-9 -]+)\s*$", handle.read(), re.M))
+        self.assertTrue(used)
+        self.assertLessEqual(used, allowed)
+
+
+class UnitsTest(unittest.TestCase):
+    """The units pass systemd-analyze verify, and their settings keep the promises of the issue."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="smart-units-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.service = os.path.join(DEPLOY, "systemd", "smart-experiment.service")
+        self.timer = os.path.join(DEPLOY, "systemd", "smart-experiment.timer")
+
+    def test_systemd_analyze_verify(self):
+        analyze = need("systemd-analyze")
+        prefix = os.path.join(self.root, "prefix")
+        install(prefix)
+        units = os.path.join(prefix, "etc/systemd/system")
+        for folder in (units, os.path.join(DEPLOY, "systemd")):
+            with self.subTest(folder=folder):
+                done = subprocess.run([analyze, "verify", "--man=no",
+                                       os.path.join(folder, "smart-experiment.service"),
+                                       os.path.join(folder, "smart-experiment.timer")],
+                                      capture_output=True, text=True, timeout=60)
+                ours = [line for line in (done.stdout + done.stderr).splitlines() if "smart-experiment" in line]
+                self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+                self.assertEqual(ours, [], "systemd-analyze complained about our units")
+
+    def test_service_settings(self):
+        service = unit_settings(self.service)
+        self.assertEqual(service["Type"], ["oneshot"])
+        self.assertEqual(service["User"], ["smart"])
+        self.assertEqual(service["WorkingDirectory"], ["/opt/smart"])
+        self.assertEqual(service["ExecStart"], ["/usr/bin/python3 /opt/smart/smart.py run"])
+        self.assertEqual(service["KillMode"], ["mixed"])
+        self.assertEqual(service["KillSignal"], ["SIGTERM"])
+        self.assertIn(service["ProtectSystem"][0], ("full", "strict"))
+        self.assertEqual(service["PrivateTmp"], ["true"])
+        self.assertEqual(service["ProtectHome"], ["true"])
+        writable = " ".join(service["ReadWritePaths"]).split()
+        self.assertIn("/opt/smart/var", writable)
+        self.assertTrue({"/etc/nginx", "-/etc/nginx"} & set(writable), "the helper (run via sudo) must write /etc/nginx")
+        # Nothing that sets no_new_privs (or takes root from sudo): every apply and revert would fail.
+        breaks_sudo = {"NoNewPrivileges", "RestrictSUIDSGID", "SystemCallFilter", "SystemCallArchitectures",
+                       "SystemCallLog", "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime",
+                       "LockPersonality", "MemoryDenyWriteExecute", "PrivateDevices", "ProtectClock",
+                       "ProtectHostname", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+                       "DynamicUser", "PrivateUsers", "CapabilityBoundingSet", "AmbientCapabilities"}
+        self.assertEqual(breaks_sudo & set(service), set())
+        # The stop must outlast one revert (COMMAND_TIMEOUT_SECONDS).
+        self.assertGreater(seconds(service["TimeoutStopSec"][0]), smart.SETTINGS["COMMAND_TIMEOUT_SECONDS"][0])
+
+    def test_time_box_covers_the_shipped_experiments_and_stays_under_the_period(self):
+        """TimeoutStartSec >= what the shipped experiments measure at the defaults, plus their commands."""
+        service = unit_settings(self.service)
+        timer = unit_settings(self.timer)
+        settings = {key: spec[0] for key, spec in smart.SETTINGS.items()}
+        per_command = 2.0              # a helper call: python start, nginx -t, reload (about 0.2 s here)
+        measuring, commands = 0.0, 2   # the recovery revert and the baseline's apply
+        root = os.path.join(REPO_ROOT, "experiments")
+        for folder in sorted(os.listdir(root)):
+            experiment = smart.load_experiment(os.path.join(root, folder))
+            length = lambda key: float(experiment.seconds.get(key.lower()) or settings.get(key, 0))  # noqa: E731
+            variants = len(experiment.candidates)
+            timeout = float(experiment.measure.get("timeout", 5))
+            design = getattr(experiment, "design", None) or settings.get("DESIGN", "sequential")
+            if design == "switchback":
+                blocks = int(getattr(experiment, "blocks", None) or settings["BLOCKS"])
+                warmup = length("WARMUP_SECONDS")
+                measuring += warmup + variants * (2 * blocks * warmup + length("BASELINE_SECONDS")
+                                                  + length("EXPERIMENT_SECONDS") + timeout)
+                commands += variants * (2 * blocks + 1)
+            else:
+                measuring += length("BASELINE_SECONDS") + timeout + variants * (
+                    length("COOLDOWN_SECONDS") + length("EXPERIMENT_SECONDS") + timeout)
+                commands += 2 * variants
+        worst = measuring + commands * per_command
+        box = seconds(service["TimeoutStartSec"][0])
+        self.assertGreaterEqual(box, worst, f"TimeoutStartSec {box:g} s < {worst:g} s of measuring and commands")
+        self.assertEqual(timer["OnCalendar"], ["*:00/30"])
+        self.assertLess(box, 30 * 60, "a run must end before the timer's next start")
+        self.assertEqual(timer["Persistent"], ["true"])
+        self.assertIn("RandomizedDelaySec", timer)
+        self.assertEqual(timer["WantedBy"], ["timers.target"])
+
+
+# ---------------------------------------------------------------- the helper --
+
+class HelperTest(unittest.TestCase):
+    """deploy/smart-nginx, installed into a prefix, against a real nginx reloaded by nginx -s reload."""
+
+    def setUp(self):
+        need_root()
+        need(HELPER_PYTHON)
+        self.root = tempfile.mkdtemp(prefix="smart-helper-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.nginx = NginxUnderTest(self.root)
+        self.nginx.start()
+        self.addCleanup(self.nginx.stop)
+        self.deployed = Deployed(os.path.join(self.root, "d"), self.nginx)
+        self.helper = self.deployed.helper
+
+    def helper_run(self, *args, env=None):
+        return run_helper(self.helper, *args, env=env)
+
+    def conf(self):
+        return read_bytes(self.nginx.conf)
+
+    def test_set_workers_then_restore_round_trips_byte_for_byte(self):
+        original = self.conf()
+        self.assertEqual(self.nginx.wait_workers(1), 1)
+        code, out, err = self.helper_run("set-workers", "2")
+        self.assertEqual(code, 0, err)
+        self.assertIn("1 -> 2", out)
+        self.assertEqual(worker_value(self.conf()), "2")
+        self.assertEqual(without_workers(self.conf()), without_workers(original), "only worker_processes changed")
+        self.assertEqual(self.nginx.wait_workers(2), 2, "nginx reloaded with 2 workers")
+        code, out, err = self.helper_run("set-workers", "auto")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(worker_value(self.conf()), "auto")
+        self.assertIn(self.nginx.wait_workers(min(expected_auto_workers())), expected_auto_workers())
+        code, out, err = self.helper_run("restore")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.conf(), original)
+        self.assertEqual(self.nginx.wait_workers(1), 1)
+        self.assertEqual(read_bytes(os.path.join(self.deployed.state_dir, "nginx.conf.backup")), original)
+        # Restore again: nothing to do, still fine (a revert may run twice, e.g. by recovery).
+        code, out, err = self.helper_run("restore")
+        self.assertEqual((code, self.conf()), (0, original), err)
+        self.assertEqual(http_get(self.nginx.port)[0], 200)
+
+    def test_mode_and_owner_of_nginx_conf_are_kept(self):
+        os.chmod(self.nginx.conf, 0o640)
+        before = os.stat(self.nginx.conf)
+        self.assertEqual(self.helper_run("set-workers", "2")[0], 0)
+        after = os.stat(self.nginx.conf)
+        self.assertEqual((stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid),
+                         (0o640, before.st_uid, before.st_gid))
+        self.assertEqual(self.helper_run("restore")[0], 0)
+        self.assertEqual(stat.S_IMODE(os.stat(self.nginx.conf).st_mode), 0o640)
+        self.assertFalse([n for n in os.listdir(self.root) if n.startswith(".smart-nginx.")], "no temp file left")
+
+    def test_a_failing_nginx_t_is_rolled_back_and_nginx_keeps_serving(self):
+        original = self.conf()
+        with open(self.nginx.extra, "w") as handle:
+            handle.write("this_is_not_a_directive on;\n")
+        with Prober(self.nginx.port) as prober:
+            code, out, err = self.helper_run("set-workers", "2")
+            time.sleep(0.3)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("nginx -t failed", err)
+        self.assertIn("this_is_not_a_directive", err)
+        self.assertEqual(self.conf(), original, "nginx.conf put back byte for byte")
+        self.assertEqual(prober.failures, [])
+        self.assertGreater(prober.requests, 5)
+        self.assertEqual(self.nginx.wait_workers(1, timeout=1), 1, "nginx was never reloaded")
+        self.assertEqual(http_get(self.nginx.port)[0], 200)
+        # The revert that follows a failed apply is a harmless no-op.
+        code, out, err = self.helper_run("restore")
+        self.assertEqual((code, self.conf()), (0, original), err)
+        code, out, err = self.helper_run("test")
+        self.assertEqual(code, 1)
+
+    def test_a_failing_reload_is_rolled_back(self):
+        # An nginx binary whose reload fails (after nginx -t passed): the helper puts the file back.
+        wrapper = os.path.join(self.root, "nginx-no-reload")
+        with open(wrapper, "w") as handle:
+            handle.write(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = reload ] && {{ echo "reload refused" >&2; exit 1; }}; done\n'
+                         f'exec {self.nginx.nginx} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        install(self.deployed.prefix, "--nginx-conf", self.nginx.conf, "--reload", "signal", "--nginx-bin", wrapper)
+        original = self.conf()
+        code, out, err = self.helper_run("set-workers", "2")
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("reload failed", err)
+        self.assertIn("reload refused", err)
+        self.assertEqual(self.conf(), original)
+        self.assertEqual(http_get(self.nginx.port)[0], 200)
+
+    def test_every_argument_outside_the_verbs_is_refused(self):
+        original = self.conf()
+        refused = [
+            [], ["set-workers"], ["set-workers", "0"], ["set-workers", "65"], ["set-workers", "100"],
+            ["set-workers", "02"], ["set-workers", "-1"], ["set-workers", "+2"], ["set-workers", " 2"],
+            ["set-workers", "2 "], ["set-workers", "2\n"], ["set-workers", "2;"], ["set-workers", "1e1"],
+            ["set-workers", "0x2"], ["set-workers", "AUTO"], ["set-workers", "auto;"], ["set-workers", "\u0663"],
+            ["set-workers", "２"], ["set-workers", ""], ["set-workers", "auto", "2"], ["set-workers", "2", "--force"],
+            ["Set-workers", "2"], ["set_workers", "2"], ["set-connections", "1024"], ["test", "x"],
+            ["reload", "now"], ["backup", "/tmp/x"], ["restore", "/etc/shadow"], ["restore", "--force"],
+            ["-c", "/tmp/other.conf", "test"], ["--config", "/tmp/x", "restore"], ["--help"], ["help"],
+            ["sh", "-c", "id"], ["rm", "-rf", "/"], ["set-workers", "$(id)"], ["set-workers", "`id`"],
+            ["set-workers", "2", "-e", "s/x/y/"],
+        ]
+        for args in refused:
+            with self.subTest(args=args):
+                code, out, err = self.helper_run(*args)
+                self.assertEqual(code, 2, f"{args}: {out} {err}")
+                self.assertIn("usage", err)
+                self.assertEqual(out, "")
+                self.assertEqual(self.conf(), original)
+        self.assertEqual(os.listdir(self.deployed.state_dir), [], "nothing was read or written")
+
+    def test_the_callers_environment_cannot_redirect_the_helper(self):
+        # python3 -I: PYTHONPATH, PYTHONSTARTUP... are ignored; the config path is the fixed one.
+        evil = os.path.join(self.root, "evil")
+        os.makedirs(evil)
+        marker = os.path.join(self.root, "hijacked")
+        for module in ("tempfile", "hashlib", "subprocess", "re"):
+            with open(os.path.join(evil, f"{module}.py"), "w") as handle:
+                handle.write(f"open({marker!r}, 'w').write('{module}')\n")
+        other = os.path.join(self.root, "other-nginx.conf")
+        with open(other, "w") as handle:
+            handle.write("worker_processes 1;\nevents {}\n")
+        env = clean_env({"PYTHONPATH": evil, "PYTHONSTARTUP": os.path.join(evil, "re.py"), "PYTHONHOME": "/nowhere",
+                         "NGINX_CONF": other, "SMART_NGINX_CONF": other, "CONFIG": other, "PATH": evil + ":/usr/bin:/bin"})
+        code, out, err = self.helper_run("set-workers", "2", env=env)
+        self.assertEqual(code, 0, err)
+        self.assertFalse(os.path.exists(marker), "a module from PYTHONPATH was imported")
+        self.assertEqual(worker_value(self.conf()), "2")
+        self.assertEqual(read_bytes(other), b"worker_processes 1;\nevents {}\n")
+        self.assertEqual(self.helper_run("restore")[0], 0)
+
+    def test_restore_leaves_a_file_someone_else_changed(self):
+        self.assertEqual(self.helper_run("set-workers", "2")[0], 0)
+        with open(self.nginx.conf, "ab") as handle:
+            handle.write(b"# an operator's edit\n")
+        edited = self.conf()
+        code, out, err = self.helper_run("restore")
+        self.assertEqual(code, 1)
+        self.assertIn("changed by someone else", err)
+        self.assertEqual(self.conf(), edited)
+        # The operator accepts the file as it is: restore has nothing to do, a new edit backs it up.
+        self.assertEqual(self.helper_run("backup")[0], 0)
+        self.assertEqual(self.helper_run("restore")[0], 0)
+        self.assertEqual(self.conf(), edited)
+        self.assertEqual(self.helper_run("set-workers", "auto")[0], 0)
+        self.assertEqual(self.helper_run("restore")[0], 0)
+        self.assertEqual(self.conf(), edited)
+
+    def test_an_untrusted_config_is_refused(self):
+        original = self.conf()
+        config = os.path.join(self.deployed.prefix, "etc/smart/nginx-helper.conf")
+        os.chmod(config, 0o666)
+        code, out, err = self.helper_run("set-workers", "2")
+        self.assertEqual(code, 1)
+        self.assertIn("not be writable by group or others", err)
+        self.assertEqual(self.conf(), original)
+        os.chmod(config, 0o644)
+        with open(config, "a") as handle:
+            handle.write("NGINX_ARGS=-g daemon off;\n")
+        code, out, err = self.helper_run("test")
+        self.assertEqual(code, 1)
+        self.assertIn("expected one of", err)
+
+    def test_a_directive_in_a_comment_or_a_block_is_not_touched(self):
+        text = self.conf().replace(
+            b"worker_processes 1;",
+            b"# worker_processes 8;\nworker_processes   1 ;  # the real one\nenv \"SMART_TEST=worker_processes 3;\";")
+        with open(self.nginx.conf, "wb") as handle:
+            handle.write(text)
+        code, out, err = self.helper_run("set-workers", "2")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.conf(), text.replace(b"worker_processes   1 ;", b"worker_processes   2 ;"))
+        self.assertEqual(self.helper_run("restore")[0], 0)
+        self.assertEqual(self.conf(), text)
+
+
+# ---------------------------------------------------------------- the dashboard site --
+
+class SiteTest(unittest.TestCase):
+    """deploy/nginx/smart.conf, installed into a prefix and included by a real nginx."""
+
+    def setUp(self):
+        need_root()
+        self.root = tempfile.mkdtemp(prefix="smart-site-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.port = free_port()
+        prefix = os.path.join(self.root, "prefix")
+        os.makedirs(prefix)
+        os.chmod(self.root, 0o755)
+        install(prefix, "--port", str(self.port), "--server-name", "smart.test")
+        self.opt = os.path.join(prefix, "opt/smart")
+        site = os.path.join(prefix, "etc/nginx/sites-enabled/smart")
+        if not os.listdir(os.path.join(self.opt, "www")):
+            with open(os.path.join(self.opt, "www", "index.html"), "w") as handle:
+                handle.write("<html>dashboard</html>\n")
+        var = os.path.join(self.opt, "var")
+        self.run_dir = os.path.join(var, "runs", "20260101T000000")
+        os.makedirs(self.run_dir)
+        with open(os.path.join(var, "state.json"), "w") as handle:
+            json.dump({"run_id": "20260101T000000", "status": "done"}, handle)
+        for name, text in (("run.log", "<script>alert(1)</script>\n"), ("baseline.csv", "timestamp,latency_ms,response_code\n"),
+                           ("workers_2_decision.log", "revert\n")):
+            with open(os.path.join(self.run_dir, name), "w") as handle:
+                handle.write(text)
+        with open(os.path.join(var, "lock"), "w") as handle:
+            handle.write("123\n")
+        self.site = site
+        nginx_root = os.path.join(self.root, "nginx")
+        os.makedirs(nginx_root)
+        self.nginx = NginxUnderTest(nginx_root, sites=[site])
+        self.nginx.start()
+        self.addCleanup(self.nginx.stop)
+
+    def get(self, path):
+        return http_get(self.port, path, host="smart.test")
+
+    def test_serves_the_dashboard_state_and_runs_and_nothing_else(self):
+        status, headers, body = self.get("/")
+        self.assertEqual(status, 200)
+        self.assertIn("text/html", headers["content-type"])
+        for path in ("/state.json", "/history.json"):
+            status, headers, body = self.get(path)
+            self.assertEqual(status, 200, path)
+            self.assertEqual(headers.get("cache-control"), "no-cache", path)
+            self.assertIn("application/json", headers["content-type"])
+            json.loads(body)
+        status, headers, body = self.get("/runs/")
+        self.assertEqual(status, 200)
+        self.assertIn(b"20260101T000000/", body)
+        self.assertEqual(self.get("/runs")[0], 301)
+        status, headers, body = self.get("/runs/20260101T000000/")
+        self.assertEqual(status, 200)
+        self.assertIn(b"run.log", body)
+        for name in ("run.log", "baseline.csv", "workers_2_decision.log"):
+            status, headers, body = self.get(f"/runs/20260101T000000/{name}")
+            self.assertEqual(status, 200, name)
+            self.assertTrue(headers["content-type"].startswith("text/plain"), headers["content-type"])
+            self.assertEqual(headers.get("x-content-type-options"), "nosniff")
+            self.assertEqual(headers.get("cache-control"), "no-cache")
+        for path in ("/smart.conf", "/smart.py", "/var/state.json", "/experiments/001_nginx_workers/meta.json",
+                     "/../smart.conf", "/runs/../../smart.conf", "/runs/../state.json/../../smart.conf",
+                     "/lock", "/runs/.lock", "/.shipped", "/state.json/", "/var/", "/runs/%2e%2e/lock",
+                     "/smart.conf.example", "/DEPLOYMENT.md"):
+            with self.subTest(path=path):
+                status, _, body = self.get(path)
+                self.assertIn(status, (400, 403, 404), f"{path} served: {body[:80]!r}")
+        # Not the default server: other host names on port 80 still reach the box's own site.
+        with open(self.site) as handle:
+            self.assertNotIn("default_server", handle.read())
+
+
+if __name__ == "__main__":
+    unittest.main()
