@@ -148,6 +148,14 @@ def _text():
     return str, "text"
 
 
+def _token():
+    def parse(text):
+        if any(not 0x21 <= ord(c) <= 0x7E for c in text):
+            raise ValueError
+        return text
+    return parse, "printable ASCII without spaces (it goes into an HTTP header)"
+
+
 # key: (default, (parse, description), meaning)
 SETTINGS = {
     "BASELINE_SECONDS": (300.0, _number(float, 0, low_open=True), "baseline measurement length"),
@@ -169,10 +177,11 @@ SETTINGS = {
     "KEEP_RUNS": (200, _number(int, 1), "run folders kept under var/runs"),
     "PHONE_HOME": ("borderline", _choice("never", "borderline", "always"), "when to ask the coach"),
     "PHONE_HOME_URL": ("", _url_or_empty(), "coach endpoint"),
-    "PHONE_HOME_TOKEN": ("", _text(), "coach bearer token"),
+    "PHONE_HOME_TOKEN": ("", _token(), "coach bearer token"),
     "PHONE_HOME_MODEL": ("llama3.2", _text(), "model name for an Ollama-style local coach"),
 }
 
+SECRET_SETTINGS = {"PHONE_HOME_TOKEN"}
 _CONF_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
 
 
@@ -202,7 +211,8 @@ def _validate(key: str, text: str, where: str):
     try:
         return parse(text.strip())
     except ValueError:
-        raise BadInput(f"{where}: {key}={text!r} is not valid: expected {description}") from None
+        shown = "(value not shown)" if key in SECRET_SETTINGS else repr(text)
+        raise BadInput(f"{where}: {key}={shown} is not valid: expected {description}") from None
 
 
 def load_settings(conf_path: str | None, environ=None, overrides=None, conf_required=False) -> dict:
@@ -1989,7 +1999,7 @@ class Runner:
         self.log(f"asking the coach {_public_url(self.settings['PHONE_HOME_URL'])}")
         try:
             advice = phone_home(self.state, self.settings)
-        except SmartError as exc:
+        except (SmartError, OSError) as exc:
             self.log(f"coach: {exc}", "warning")
             self.save_state(coach={"advice": None, "error": str(exc), "at": utc_now(),
                                    "coach": _public_url(self.settings["PHONE_HOME_URL"])})
@@ -2810,8 +2820,7 @@ def phone_home(state: dict, settings: dict, clock=time.monotonic, sleep=time.sle
             break
         request = urllib.request.Request(url, data=data, headers=headers, method="POST")
         try:
-            with opener.open(request, timeout=left if ollama else min(COACH_ATTEMPT_SECONDS, left)) as response:
-                raw = response.read(COACH_REPLY_LIMIT + 1)
+            raw = _exchange(opener, request, left if ollama else min(COACH_ATTEMPT_SECONDS, left), public)
             if len(raw) > COACH_REPLY_LIMIT:
                 raise CoachError(f"coach {public}: reply larger than {COACH_REPLY_LIMIT // 1024} KiB, ignored")
             return parse_coach_reply(raw, state, public, ollama)
@@ -2827,12 +2836,39 @@ def phone_home(state: dict, settings: dict, clock=time.monotonic, sleep=time.sle
     raise CoachError(f"coach {public} unreachable after {attempt} attempts ({problem})")
 
 
+def _exchange(opener, request, seconds: float, public: str) -> bytes:
+    """One request and at most COACH_REPLY_LIMIT + 1 bytes of reply, all within `seconds`.
+
+    A socket timeout bounds each read, not the whole; a coach dripping a byte at a time would
+    hold a run forever, so the exchange runs in a daemon thread that is abandoned when time is up.
+    """
+    box = {}
+
+    def work():
+        try:
+            with opener.open(request, timeout=seconds) as response:
+                box["raw"] = response.read(COACH_REPLY_LIMIT + 1)
+        except Exception as exc:       # handed to the caller, which sorts it
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="coach", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise CoachError(f"coach {public}: no complete reply within {seconds:.0f} s")
+    if "error" in box:
+        if isinstance(box["error"], (ValueError, UnicodeError)):
+            raise CoachError(f"coach {public}: the request could not be sent ({type(box['error']).__name__})")
+        raise box["error"]
+    return box["raw"]
+
+
 def parse_coach_reply(raw: bytes, state: dict, public: str, ollama: bool) -> dict:
     """Validate a coach's reply: advice as capped text, confidence in [0, 1], a defined next_variant."""
     try:
         reply = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise CoachError(f"coach {public}: the reply is not JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CoachError(f"coach {public}: the reply is not JSON (or nested too deep)") from None
     if ollama:
         text = (reply.get("response") if isinstance(reply, dict) else None)
         if text is None and isinstance(reply, dict) and isinstance(reply.get("message"), dict):
@@ -2841,7 +2877,7 @@ def parse_coach_reply(raw: bytes, state: dict, public: str, ollama: bool) -> dic
             raise CoachError(f"coach {public}: no model response in the reply")
         try:
             reply = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             reply = {"advice": text}
     if not isinstance(reply, dict):
         raise CoachError(f"coach {public}: the reply is not a JSON object")

@@ -33,6 +33,11 @@ DOCUMENTED_DEFAULTS = {
     "WARMUP_SECONDS": 10,
     "EARLY_STOP": "yes",
     "LOOK_SECONDS": 5,
+    # Added by the fleet issue (apply's check) and for the timer's rotation.
+    "VERIFY_SECONDS": 60,
+    "RETRY_HOURS": 24,
+    # Added by the phone-home issue: the model of an Ollama-style local coach.
+    "PHONE_HOME_MODEL": "llama3.2",
 }
 
 # For every key, values that must be refused (exit 2 naming the key).
