@@ -363,6 +363,11 @@ def load_experiment(path: str) -> Experiment:
     return experiment
 
 
+def _meta_id(path: str):
+    meta = read_json(path)
+    return meta.get("id") if isinstance(meta, dict) else None
+
+
 def find_experiments(home: str, names) -> list:
     """Experiments named by folder path or id, or every folder in experiments/ in name order."""
     root = os.path.join(home, "experiments")
@@ -379,10 +384,12 @@ def find_experiments(home: str, names) -> list:
         elif os.path.isdir(os.path.join(root, name)):
             found.append(load_experiment(os.path.join(root, name)))
         else:
-            matches = [e for e in find_experiments(home, []) if e.id == name]
+            folders = sorted(os.listdir(root)) if os.path.isdir(root) else []
+            matches = [folder for folder in folders
+                       if _meta_id(os.path.join(root, folder, "meta.json")) == name]
             if not matches:
                 raise BadInput(f"unknown experiment {name!r}: not a folder, nor an id under {root}")
-            found.extend(matches)
+            found.extend(load_experiment(os.path.join(root, folder)) for folder in matches)
     return found
 
 
@@ -1772,6 +1779,7 @@ class Runner:
         self.out = sys.stdout if out is None else out
         self.stop = stop or StopFlag()
         self.log_handle = None
+        self.early_lines = []
         self.state = None
 
     # -- logging and state --
@@ -1781,6 +1789,8 @@ class Runner:
         if self.log_handle is not None:
             self.log_handle.write(line + "\n")
             self.log_handle.flush()
+        else:
+            self.early_lines.append(line)     # recovery before a run folder exists: goes into the next run.log
         emit(line, self.out, level)
 
     def log_command(self, what: str, result: CommandResult) -> None:
@@ -1846,6 +1856,9 @@ class Runner:
                     failed += 1
                     continue
                 failed += self.run_experiment(experiment, rotation=rotation) != "done"
+                if os.path.exists(self.home.journal):
+                    self.log(f"a revert failed: no further experiment starts until it is fixed", "error")
+                    break
             return 1 if failed else 0
         return self.locked(each)
 
@@ -1935,8 +1948,15 @@ class Runner:
                 state["checked_at"] = utc_now()      # the timer ran: the dashboard must not call it stale
                 write_json(self.home.state, state)
             return "done"
-        run_id, run_dir = self.home.new_run_dir()
-        self.log_handle = open(os.path.join(run_dir, "run.log"), "a", encoding="utf-8")
+        try:
+            run_id, run_dir = self.home.new_run_dir()
+            self.log_handle = open(os.path.join(run_dir, "run.log"), "a", encoding="utf-8")
+        except OSError as exc:
+            raise WorkFailed(f"cannot create a run folder under {self.home.runs}: {exc.strerror or exc}; "
+                             "nothing was changed") from None
+        for line in self.early_lines:
+            self.log_handle.write(line + "\n")
+        self.early_lines.clear()
         self.state = {
             "run_id": run_id, "experiment": experiment.id, "description": experiment.description,
             "kept_variant": None, "metrics": None, "status": "running", "phase": "starting",
@@ -1957,19 +1977,23 @@ class Runner:
             status, reason = "failed", str(exc)
         except (OSError, SmartError) as exc:
             status, reason = "failed", str(exc) if isinstance(exc, SmartError) else f"I/O error: {exc}"
+        problems = []
         if status != "done":
             reason = trial.abandon(reason)
             self.log(f"run {run_id} {status}: {reason}", "error" if status == "failed" else "warning")
+            problems.append(f"{status}: {reason}")
         try:
             self.finish(status, None if status == "done" else reason)
             self.ask_coach()
             self.hook("post-run", run_id)
         except OSError as exc:
             status = "failed"
-            print(f"error: could not record run {run_id}: {exc}", file=sys.stderr)
+            problems.append(f"could not be recorded: {exc}")
         finally:
             self.log_handle.close()
             self.log_handle = None
+        if problems:
+            emit(f"error: run {run_id} of {experiment.id} " + "; and ".join(problems), sys.stderr, "error")
         return status
 
     def hook(self, name: str, run_id: str) -> None:
@@ -2155,6 +2179,7 @@ class Trial:
         # A custom decider has the last word, so no built-in look may end a measurement early.
         self.early_stop = self.settings["EARLY_STOP"] == "yes" and experiment.decider is None
         self.applied = None          # the variant applied now and not kept
+        self.revert_failed = False
         self.reference = Arm()       # baseline rows the guard compares against
         self.files = {}
 
@@ -2162,8 +2187,8 @@ class Trial:
         value = self.experiment.seconds.get(key.lower())
         return float(value if value is not None else self.settings[key])
 
-    def log(self, message: str) -> None:
-        self.runner.log(message)
+    def log(self, message: str, level: str = "info") -> None:
+        self.runner.log(message, level)
 
     # -- the two designs --
     def run(self) -> None:
@@ -2290,6 +2315,11 @@ class Trial:
         name = variant["name"]
         try:
             return body()
+        except Interrupted as exc:
+            self.runner.state["variants"].append({
+                "name": name, "decision": "revert", "reason": f"revert: {exc} while it was under test",
+                "borderline": False, "metrics": None})
+            raise
         except (ApplyFailed, MeasureFailed) as exc:
             self.log(f"{name}: {exc}; reverting")
             return {"name": name, "decision": "revert", "reason": f"revert: {exc}", "borderline": False,
@@ -2396,6 +2426,7 @@ class Trial:
         self.runner.save_state(phase=f"reverting {name}", current={"variant": name, "step": "reverting"})
         result = self.runner.command(f"revert {name}", self.experiment.revert, self.experiment.path)
         if not result.ok:
+            self.revert_failed = True
             raise RevertFailed(f"revert of {name} {result.describe()}; the journal var/applied.json stays "
                                "and the next run retries the revert first")
         self.runner.clear_journal()
@@ -2404,7 +2435,7 @@ class Trial:
     def abandon(self, reason: str) -> str:
         """After a fault or a signal: revert whatever is applied; returns the full reason."""
         name = self.applied
-        if name is None:
+        if name is None or self.revert_failed:
             return reason
         try:
             self.switch_back()
@@ -2488,10 +2519,8 @@ class Trial:
         try:
             rows = list(_csv_rows(scratch))
         except BadInput as exc:
-            raise MeasureFailed(f"measure.sh wrote a bad CSV: {exc}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(scratch)
+            raise MeasureFailed(f"measure.sh wrote a bad CSV (kept for a look): {exc}") from None
+        os.unlink(scratch)
         suffix = "" if block is None else f",{block}"
         with self.csv_file(path) as handle:
             for stamp, latency, code in rows:
@@ -2938,6 +2967,16 @@ class _QuietHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """A threaded server whose clients may hang up mid-answer without a traceback on stderr."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 _TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json", ".css": "text/css",
           ".js": "text/javascript", ".png": "image/png", ".svg": "image/svg+xml"}
 
@@ -2997,9 +3036,7 @@ def make_dashboard_server(home: Home, bind: str = "127.0.0.1", port: int = 8080)
                 return self.send_body(404, b"not found\n")
             return self.send_file(found, no_cache=True, content_type="text/plain; charset=utf-8")
 
-    server = http.server.ThreadingHTTPServer((bind, port), Handler)
-    server.daemon_threads = True
-    return server
+    return _QuietServer((bind, port), Handler)
 
 
 def serve_dashboard(home: Home, bind: str, port: int) -> int:
@@ -3029,7 +3066,7 @@ def serve_dashboard(home: Home, bind: str, port: int) -> int:
 
 ###### Demo: a built-in target server with a real switch ######
 
-class DemoTarget(http.server.ThreadingHTTPServer):
+class DemoTarget(_QuietServer):
     """A small web app whose speed depends on the word in its mode file.
 
     plain: each page waits 20 ms on a simulated backend; cached: pages come from memory;
@@ -3038,7 +3075,6 @@ class DemoTarget(http.server.ThreadingHTTPServer):
     that file, as a real experiment edits a config.
     """
 
-    daemon_threads = True
     # mode: (seconds each page waits, every how many requests one fails with 503, 0 = none)
     MODES = {"plain": (0.020, 0), "cached": (0.0, 0), "slow": (0.045, 0), "broken": (0.020, 4),
              "failing": (0.020, 2), "stalled": (1.0, 0)}
