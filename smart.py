@@ -167,8 +167,8 @@ SETTINGS = {
     "MIN_SAMPLES": (30, _number(int, 2), "fewest successful samples per arm"),
     "MAX_TAIL_REGRESS_PCT": (25.0, _number(float, 0), "most p99 regression (%) a kept variant may have"),
     "DESIGN": ("switchback", _choice("switchback", "sequential"), "how variants are measured against the baseline"),
-    "BLOCKS": (6, _number(int, 2), "switchback: baseline/variant block pairs per variant"),
-    "WARMUP_SECONDS": (10.0, _number(float, 0), "switchback: measured, unjudged wait after each switch"),
+    "BLOCKS": (12, _number(int, 2), "switchback: baseline/variant block pairs per variant"),
+    "WARMUP_SECONDS": (5.0, _number(float, 0), "switchback: measured, unjudged wait after each switch"),
     "EARLY_STOP": ("yes", _choice("yes", "no"), "end a variant early once its verdict is certain"),
     "LOOK_SECONDS": (5.0, _number(float, 0, low_open=True), "how often the sequential stop looks"),
     "VERIFY_SECONDS": (60.0, _number(float, 0, low_open=True), "apply: baseline and variant check length"),
@@ -862,7 +862,7 @@ def sequential_alpha(confidence: float, fraction: float) -> float:
     """
     alpha = 1 - confidence
     boundary = _NORMAL.inv_cdf(1 - alpha / 2) / math.sqrt(min(1.0, max(fraction, 1e-6)))
-    return 1 - _NORMAL.cdf(boundary)
+    return 0.5 * math.erfc(boundary / math.sqrt(2))     # 1 - cdf would round to 0 early in the run
 
 
 def wilson_lower(successes: int, trials: int, confidence: float) -> float:
@@ -1004,7 +1004,7 @@ def verdict(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Verdi
             change = (f"p50 got {_fmt_pct(-improve)} slower" if improve is not None and improve < 0
                       else f"p50 improved only {_fmt_pct(improve)}")
             failed.append(("improvement", f"{change} (needs a {t.improve_pct:g}% improvement)"))
-        if p_value > alpha + EPSILON:
+        if p_value > alpha * (1 + EPSILON):
             look = "" if fraction is None else f" at {fraction:.0%} of the horizon"
             failed.append(("significance", f"not significant at {t.confidence:g} confidence{look} "
                                            f"(p={p_value:.3g}, needs <= {alpha:.3g})"))
@@ -1309,6 +1309,10 @@ class Prober:
                 if now >= end and not self.busy and not self.pending and not self.resting:
                     break
                 if now >= hard_end:
+                    # Requests still queued behind the in-flight cap never got an answer: error rows.
+                    for due in self.pending:
+                        self._finish(_Conn(), 0, now, keep=False, due=due)
+                    self.pending.clear()
                     break
                 if self.progress is not None and now >= next_progress:
                     self.progress(self._progress_line(now))
@@ -1505,7 +1509,9 @@ class Prober:
             return
         self._finish(conn, 0, time.perf_counter_ns(), keep=False)
 
-    def _finish(self, conn, code, now, keep):
+    def _finish(self, conn, code, now, keep, due=None):
+        if due is not None:
+            conn.due = due
         latency_ms = (now - conn.due) / 1e6
         self.busy.discard(conn)
         self.result.rows += 1
@@ -2231,13 +2237,24 @@ class Trial:
         seed = int(self.run_id[:15].replace("T", "")) % (2 ** 32)
         rng = random.Random(seed)
         self.log(f"switchback: {blocks} block pairs per variant, order seed {seed}")
-        self.measure("baseline_warmup", self.seconds("WARMUP_SECONDS"), self.reference, step="warm-up")
+        self.measure_reference()
         baseline = Arm()
         for variant in self.experiment.candidates:
             self.runner.stop.check()
             record = self.attempt(variant, lambda: self.switchback_variant(variant, baseline, rng, blocks))
             if self.record(variant, record):
                 return
+
+    def measure_reference(self) -> None:
+        """The opening warm-up on the baseline, long enough to give the guard GUARD_MIN_ROWS good rows."""
+        seconds, spent = self.seconds("WARMUP_SECONDS"), 0.0
+        limit = max(seconds, self.seconds("BASELINE_SECONDS"))
+        while True:
+            self.measure("baseline_warmup", seconds, self.reference, block=0, step="warm-up")
+            spent += seconds
+            if self.reference.ok >= GUARD_MIN_ROWS or spent >= limit:
+                return
+            seconds = min(1.0, limit - spent) if seconds > 0 else 1.0
 
     def switchback_variant(self, variant: dict, baseline: Arm, rng: random.Random, pairs: int) -> dict:
         name = variant["name"]
@@ -3258,6 +3275,7 @@ class _Parser(argparse.ArgumentParser):
 def cmd_measure(args, settings) -> int:
     """measure --url URL --duration S --out FILE: probe and write the CSV; a summary on stderr."""
     live = sys.stderr.isatty()
+    arm = Arm(args.out)
 
     def progress(line):
         print("\r" + line, end="", file=sys.stderr, flush=True)
@@ -3265,10 +3283,10 @@ def cmd_measure(args, settings) -> int:
     result = measure_url(args.url, args.duration, args.out, method=args.method, headers=args.header,
                          insecure=args.insecure, progress=progress if live else None,
                          interval=args.interval, concurrency=args.concurrency, rate=args.rate,
-                         timeout=args.timeout, max_in_flight=args.max_in_flight)
+                         timeout=args.timeout, max_in_flight=args.max_in_flight,
+                         on_row=lambda latency, code, at: arm.add(latency, code))
     if live:
         print(file=sys.stderr)
-    arm = read_measurements(args.out)
     figures = summarize(arm, sorted(arm.latencies))
     rate = result.rows / result.elapsed if result.elapsed else 0.0
     latency = ", ".join(f"{key[:3]} {'-' if figures[key] is None else figures[key]} ms"

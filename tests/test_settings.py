@@ -29,8 +29,8 @@ DOCUMENTED_DEFAULTS = {
     "PHONE_HOME_TOKEN": "",
     # Added by the switchback/guardrail/sequential-stop issue (documented in README.md).
     "DESIGN": "switchback",
-    "BLOCKS": 6,
-    "WARMUP_SECONDS": 10,
+    "BLOCKS": 12,
+    "WARMUP_SECONDS": 5,
     "EARLY_STOP": "yes",
     "LOOK_SECONDS": 5,
     # Added by the fleet issue (apply's check) and for the timer's rotation.
