@@ -393,6 +393,498 @@ def find_experiments(home: str, names) -> list:
     return found
 
 
+###### Measure: the built-in prober ######
+
+USER_AGENT = f"smart.py/{__version__}"
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class Target:
+    """A URL to probe, parsed and checked before anything is sent, with its request bytes."""
+
+    def __init__(self, url: str, method: str = "GET", headers=(), insecure: bool = False):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise BadInput(f"URL {url!r}: scheme must be http:// or https://")
+        try:
+            port = parts.port
+        except ValueError:
+            raise BadInput(f"URL {url!r}: the port is not a number from 0 to 65535") from None
+        if port == 0:
+            raise BadInput(f"URL {url!r}: port 0 is not a port one can connect to")
+        if not parts.hostname or any(c in url for c in " \r\n\t"):
+            raise BadInput(f"URL {url!r}: no host name, or a blank inside")
+        if not _TOKEN.match(method):
+            raise BadInput(f"--method {method!r} is not an HTTP method name")
+        self.url, self.method, self.host = url, method.upper(), parts.hostname
+        self.tls = parts.scheme == "https"
+        self.port = port or (443 if self.tls else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if port and port != (443 if self.tls else 80):
+            host += f":{port}"
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = [f"{self.method} {path} HTTP/1.1", f"Host: {host}", f"User-Agent: {USER_AGENT}", "Accept: */*"]
+        for header in headers:
+            name, sep, value = header.partition(":")
+            if not sep or not _TOKEN.match(name.strip()) or "\r" in value or "\n" in value:
+                raise BadInput(f"--header {header!r}: expected NAME:VALUE")
+            lines.append(f"{name.strip()}: {value.strip()}")
+        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        self.ssl_context = None
+        if self.tls:
+            self.ssl_context = ssl.create_default_context()
+            if insecure:
+                self.ssl_context.check_hostname = False
+                self.ssl_context.verify_mode = ssl.CERT_NONE
+
+
+class _Response:
+    """Incremental HTTP/1.1 response parsing over a connection's buffer."""
+
+    __slots__ = ("status", "body_start", "length", "chunked", "keep_alive")
+
+    @classmethod
+    def parse_head(cls, buf: bytearray, head_request: bool):
+        """The status line and headers once complete, else None; ValueError on garbage."""
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > 65536:
+                raise ValueError("response headers larger than 64 KiB")
+            return None
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        if not version.startswith("HTTP/1."):
+            raise ValueError("not an HTTP/1.x response")
+        response = cls()
+        response.status = int(rest[:3])
+        response.body_start = end + 4
+        response.length, response.chunked = None, False
+        response.keep_alive = version == "HTTP/1.1"
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length":
+                response.length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value:
+                response.chunked = True
+            elif name == "connection":
+                response.keep_alive = "close" not in value and (response.keep_alive or "keep-alive" in value)
+        if head_request or response.status in (204, 304) or 100 <= response.status < 200:
+            response.length, response.chunked = 0, False
+        if response.length is None and not response.chunked:
+            response.keep_alive = False     # the body runs to the end of the connection
+        return response
+
+    def body_end(self, buf: bytearray):
+        """Index just past the body when the whole body is in buf, else None."""
+        if self.chunked:
+            return _chunked_end(buf, self.body_start)
+        if self.length is None:
+            return None
+        end = self.body_start + self.length
+        return end if len(buf) >= end else None
+
+
+def _chunked_end(buf: bytearray, pos: int):
+    while True:
+        line_end = buf.find(b"\r\n", pos)
+        if line_end < 0:
+            return None
+        size = int(bytes(buf[pos:line_end]).split(b";")[0].strip() or b"x", 16)
+        if size < 0:
+            raise ValueError("negative chunk size")
+        if size == 0:
+            trailer_end = buf.find(b"\r\n\r\n", line_end)
+            if buf[line_end:line_end + 4] == b"\r\n\r\n":
+                return line_end + 4
+            return None if trailer_end < 0 else trailer_end + 4
+        pos = line_end + 2 + size + 2
+        if len(buf) < pos:
+            return None
+
+
+class _Conn:
+    """One keep-alive connection of the prober and the request it carries."""
+
+    __slots__ = ("sock", "state", "out", "buf", "due", "deadline", "served", "retried", "response", "slot")
+
+    def __init__(self, slot=None):
+        self.sock = None
+        self.state = "closed"
+        self.out = b""
+        self.buf = bytearray()
+        self.due = self.deadline = 0
+        self.served = 0
+        self.retried = False
+        self.response = None
+        self.slot = slot
+
+
+class ProbeResult:
+    """What a probe did: rows written, errors, connections opened, in-flight cap hits."""
+
+    def __init__(self):
+        self.rows = self.errors = self.connections = self.cap_hits = self.max_in_flight = 0
+        self.elapsed = 0.0
+        self.stopped_early = False
+
+
+def _iso_millis(epoch: float, _cache={}) -> str:
+    second = int(epoch)
+    prefix = _cache.get(second)
+    if prefix is None:
+        _cache.clear()
+        prefix = _cache[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{prefix}.{int((epoch - second) * 1000):03d}Z"
+
+
+_SHAPE_LIMITS = {"duration": (1e-3, 7 * 86400), "interval": (1e-3, 86400), "rate": (1e-3, 100000),
+                 "concurrency": (1, 10000), "timeout": (1e-3, 3600), "max_in_flight": (1, 10000)}
+
+
+def check_shape(duration, **shape) -> None:
+    """BadInput unless the measurement's length and load shape are sane numbers (checked before any I/O)."""
+    if sum(shape.get(key) is not None for key in ("interval", "concurrency", "rate")) > 1:
+        raise BadInput("choose one load shape: --interval, --concurrency or --rate")
+    for name, value in dict(shape, duration=duration).items():
+        if value is None:
+            continue
+        low, high = _SHAPE_LIMITS[name]
+        if not (isinstance(value, (int, float)) and low <= value <= high):
+            raise BadInput(f"--{name.replace('_', '-')} must be a number from {low:g} to {high:g}, got {value!r}")
+
+
+class Prober:
+    """An event loop over non-blocking keep-alive connections, for the three load shapes.
+
+    interval: one connection, a probe due every `interval` seconds; concurrency: N connections,
+    each sending the next request when the last ends (closed loop); rate: requests due on a fixed
+    schedule (open loop) over as many connections as needed up to `max_in_flight`.  Latency runs
+    from the moment a request was due (open loop and interval) or sent (closed loop) to the last
+    byte of the body; a request without a response within `timeout` is a row with code 0.
+    """
+
+    def __init__(self, target: Target, duration: float, out, *, interval=None, concurrency=None,
+                 rate=None, timeout=5.0, max_in_flight=256, on_row=None, should_stop=None, progress=None,
+                 block=None):
+        check_shape(duration, interval=interval, concurrency=concurrency, rate=rate, timeout=timeout,
+                    max_in_flight=max_in_flight)
+        self.target, self.out = target, out
+        self.duration_ns = int(duration * 1e9)
+        self.timeout_ns = int(timeout * 1e9)
+        self.concurrency = int(concurrency) if concurrency else None
+        self.period_ns = None if self.concurrency else int(1e9 / rate if rate else (interval or 1.0) * 1e9)
+        self.cap = 1 if interval or not (rate or concurrency) else int(max_in_flight)
+        self.on_row, self.should_stop, self.progress = on_row, should_stop, progress
+        self.suffix = "\n" if block is None else f",{block}\n"
+        self.result = ProbeResult()
+        self.selector = selectors.DefaultSelector()
+        self.idle = []
+        self.busy = set()
+        self.pending = collections.deque()
+        self.rows = []
+        self.resting = []
+        self.recent = collections.deque(maxlen=1000)
+
+    # -- the loop --
+    def run(self) -> ProbeResult:
+        """Probe until the duration is over and in-flight requests are answered or timed out."""
+        clock = time.perf_counter_ns
+        self.start_ns = start = clock()
+        self.start_wall = time.time()
+        end = start + self.duration_ns
+        hard_end = end + self.timeout_ns + 1_000_000_000
+        next_due = start
+        next_progress = start
+        if self.concurrency:
+            for slot in range(self.concurrency):
+                self._send(_Conn(slot), start)
+        try:
+            while True:
+                now = clock()
+                if self.should_stop is not None and self.should_stop():
+                    self.result.stopped_early = True
+                    break
+                if self.period_ns:
+                    while next_due <= now and next_due < end:
+                        self.pending.append(next_due)
+                        next_due += self.period_ns
+                    self._dispatch()
+                if self.resting:
+                    self._wake_resting(now, end)
+                self._expire(now)
+                self._flush()
+                if now >= end and not self.busy and not self.pending and not self.resting:
+                    break
+                if now >= hard_end:
+                    # Requests still queued behind the in-flight cap never got an answer: error rows.
+                    for due in self.pending:
+                        self._finish(_Conn(), 0, now, keep=False, due=due)
+                    self.pending.clear()
+                    break
+                if self.progress is not None and now >= next_progress:
+                    self.progress(self._progress_line(now))
+                    next_progress = now + 500_000_000
+                wake = min(end if now < end else hard_end, self._earliest_deadline(hard_end))
+                if self.period_ns and next_due < end:
+                    wake = min(wake, next_due)
+                if self.resting:
+                    wake = min(wake, min(at for at, _ in self.resting))
+                for key, mask in self.selector.select(max(0.0, (wake - clock()) / 1e9)):
+                    self._on_event(key.data, mask)
+        finally:
+            self._flush()
+            for conn in list(self.busy) + self.idle:
+                self._close(conn)
+            self.selector.close()
+            self.result.elapsed = (clock() - start) / 1e9
+        return self.result
+
+    def _progress_line(self, now):
+        recent = sorted(self.recent)
+        p50 = f"{percentile(recent, 50):.1f} ms" if recent else "-"
+        return (f"{(now - self.start_ns) / 1e9:6.1f}s  {self.result.rows} requests  "
+                f"{self.result.errors} errors  p50 {p50}")
+
+    def _dispatch(self):
+        while self.pending:
+            if self.idle:
+                conn = self.idle.pop()
+            elif len(self.busy) < self.cap:
+                conn = _Conn()
+            else:
+                self.result.cap_hits += 1
+                return
+            self._send(conn, self.pending.popleft())
+
+    def _wake_resting(self, now, end):
+        due = [(at, conn) for at, conn in self.resting if at <= now]
+        self.resting = [(at, conn) for at, conn in self.resting if at > now]
+        for _, conn in due:
+            if now < end:
+                self._send(conn, now)
+
+    def _earliest_deadline(self, default):
+        return min((conn.deadline for conn in self.busy), default=default)
+
+    def _expire(self, now):
+        for conn in [c for c in self.busy if c.deadline <= now]:
+            self._finish(conn, 0, now, keep=False)
+
+    # -- one request --
+    def _send(self, conn: _Conn, due: int):
+        conn.due = due
+        conn.deadline = time.perf_counter_ns() + self.timeout_ns
+        conn.buf.clear()
+        conn.response = None
+        conn.out = self.target.request
+        self.busy.add(conn)
+        self.result.max_in_flight = max(self.result.max_in_flight, len(self.busy))
+        if conn.sock is None:
+            if not self._connect(conn):
+                return
+        else:
+            conn.state = "sending"
+            try:
+                self._write(conn)
+            except OSError as exc:
+                self._failed(conn, exc)
+
+    def _connect(self, conn: _Conn) -> bool:
+        try:
+            info = socket.getaddrinfo(self.target.host, self.target.port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(info[0], info[1], info[2])
+        except OSError:
+            self._finish(conn, 0, time.perf_counter_ns(), keep=False)
+            return False
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock, conn.state, conn.served = sock, "connecting", 0
+        self.result.connections += 1
+        err = sock.connect_ex(info[4])
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self._finish(conn, 0, time.perf_counter_ns(), keep=False)
+            return False
+        self.selector.register(sock, selectors.EVENT_WRITE, conn)
+        return True
+
+    def _on_event(self, conn: _Conn, mask):
+        if conn not in self.busy:
+            self._close(conn)      # an idle keep-alive connection closed by the server
+            return
+        try:
+            if conn.state == "connecting":
+                err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+                if self.target.tls:
+                    conn.sock = self.target.ssl_context.wrap_socket(
+                        conn.sock, server_hostname=self.target.host, do_handshake_on_connect=False)
+                    self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+                    conn.state = "handshaking"
+                    self._handshake(conn)
+                else:
+                    conn.state = "sending"
+                    self._write(conn)
+            elif conn.state == "handshaking":
+                self._handshake(conn)
+            elif conn.state == "sending":
+                self._write(conn)
+            else:
+                self._read(conn)
+        except (OSError, ValueError) as exc:
+            self._failed(conn, exc)
+
+    def _handshake(self, conn):
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            return
+        except ssl.SSLWantWriteError:
+            self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            return
+        conn.state = "sending"
+        self._write(conn)
+
+    def _write(self, conn):
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            sent = 0
+        except ssl.SSLWantReadError:
+            sent = 0
+        conn.out = conn.out[sent:]
+        if conn.out:
+            self._watch(conn, selectors.EVENT_WRITE)
+        else:
+            conn.state = "receiving"
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _watch(self, conn, events):
+        try:
+            self.selector.modify(conn.sock, events, conn)
+        except KeyError:
+            self.selector.register(conn.sock, events, conn)
+
+    def _read(self, conn):
+        sock = conn.sock
+        while True:
+            try:
+                data = sock.recv(262144)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return
+            except ssl.SSLWantWriteError:
+                return
+            if not data:
+                self._eof(conn)
+                return
+            conn.buf += data
+            if self._complete(conn):
+                return
+            if not (self.target.tls and sock.pending()):
+                if len(data) < 262144:
+                    return
+
+    def _complete(self, conn) -> bool:
+        while conn.response is None:
+            conn.response = _Response.parse_head(conn.buf, self.target.method == "HEAD")
+            if conn.response is None:
+                return False
+            if 100 <= conn.response.status < 200 and conn.response.status != 101:
+                del conn.buf[:conn.response.body_start]      # an interim response (e.g. 103 Early Hints)
+                conn.response = None
+        end = conn.response.body_end(conn.buf)
+        if end is None:
+            return False
+        self._finish(conn, conn.response.status, time.perf_counter_ns(), keep=conn.response.keep_alive)
+        return True
+
+    def _eof(self, conn):
+        if conn.response is not None and conn.response.length is None and not conn.response.chunked:
+            self._finish(conn, conn.response.status, time.perf_counter_ns(), keep=False)
+        else:
+            self._failed(conn, ConnectionResetError("connection closed before the response ended"))
+
+    def _failed(self, conn, exc):
+        if conn.served and not conn.buf and not conn.retried:
+            # The server closed a keep-alive connection between requests: retry once on a new one.
+            due = conn.due
+            self._close(conn)
+            self.busy.discard(conn)
+            conn.retried = True
+            self._send(conn, due)
+            return
+        self._finish(conn, 0, time.perf_counter_ns(), keep=False)
+
+    def _finish(self, conn, code, now, keep, due=None):
+        if due is not None:
+            conn.due = due
+        latency_ms = (now - conn.due) / 1e6
+        self.busy.discard(conn)
+        self.result.rows += 1
+        if code == 0 or code >= 500:
+            self.result.errors += 1
+        else:
+            self.recent.append(latency_ms)
+        wall = self.start_wall + (conn.due - self.start_ns) / 1e9
+        self.rows.append(f"{_iso_millis(wall)},{latency_ms:.3f},{code}{self.suffix}")
+        if self.on_row is not None:
+            self.on_row(latency_ms, code, wall)
+        conn.retried = False
+        if keep and conn.sock is not None:
+            conn.served += 1
+            conn.state = "idle"
+        else:
+            self._close(conn)
+        if self.concurrency:
+            if code == 0:
+                # Pause a failing slot briefly so a refused port does not become a busy loop.
+                self.resting.append((now + 10_000_000, conn))
+            elif now < self.start_ns + self.duration_ns:
+                self._send(conn, time.perf_counter_ns())
+            else:
+                self._close(conn)
+        else:
+            if conn.sock is not None:
+                self.idle.append(conn)
+
+    def _close(self, conn):
+        if conn.sock is not None:
+            try:
+                self.selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            conn.sock.close()
+            conn.sock = None
+        conn.state = "closed"
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def _flush(self):
+        if self.rows:
+            self.out.write("".join(self.rows))
+            self.out.flush()
+            self.rows.clear()
+
+
+def measure_url(url: str, duration: float, out_path: str, *, method="GET", headers=(), insecure=False,
+                progress=None, on_row=None, should_stop=None, **shape) -> ProbeResult:
+    """Probe url for duration seconds, streaming rows to out_path as they complete."""
+    target = Target(url, method, headers, insecure)
+    shape = {k: v for k, v in shape.items() if v is not None}
+    check_shape(duration, **shape)
+    try:
+        handle = open(out_path, "w", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise BadInput(f"{out_path}: cannot write: {exc.strerror or exc}") from None
+    with handle:
+        handle.write("timestamp,latency_ms,response_code\n")
+        prober = Prober(target, duration, handle, progress=progress, on_row=on_row,
+                        should_stop=should_stop, **shape)
+        return prober.run()
+
+
 ###### Measurement CSV ######
 
 class Arm:
@@ -1085,498 +1577,6 @@ def decide_files(baseline_path: str, variant_path: str, thresholds: Thresholds) 
     return verdict(read_measurements(baseline_path), read_measurements(variant_path), thresholds)
 
 
-###### Measure: the built-in prober ######
-
-USER_AGENT = f"smart.py/{__version__}"
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-
-class Target:
-    """A URL to probe, parsed and checked before anything is sent, with its request bytes."""
-
-    def __init__(self, url: str, method: str = "GET", headers=(), insecure: bool = False):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise BadInput(f"URL {url!r}: scheme must be http:// or https://")
-        try:
-            port = parts.port
-        except ValueError:
-            raise BadInput(f"URL {url!r}: the port is not a number from 0 to 65535") from None
-        if port == 0:
-            raise BadInput(f"URL {url!r}: port 0 is not a port one can connect to")
-        if not parts.hostname or any(c in url for c in " \r\n\t"):
-            raise BadInput(f"URL {url!r}: no host name, or a blank inside")
-        if not _TOKEN.match(method):
-            raise BadInput(f"--method {method!r} is not an HTTP method name")
-        self.url, self.method, self.host = url, method.upper(), parts.hostname
-        self.tls = parts.scheme == "https"
-        self.port = port or (443 if self.tls else 80)
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if port and port != (443 if self.tls else 80):
-            host += f":{port}"
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        lines = [f"{self.method} {path} HTTP/1.1", f"Host: {host}", f"User-Agent: {USER_AGENT}", "Accept: */*"]
-        for header in headers:
-            name, sep, value = header.partition(":")
-            if not sep or not _TOKEN.match(name.strip()) or "\r" in value or "\n" in value:
-                raise BadInput(f"--header {header!r}: expected NAME:VALUE")
-            lines.append(f"{name.strip()}: {value.strip()}")
-        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-        self.ssl_context = None
-        if self.tls:
-            self.ssl_context = ssl.create_default_context()
-            if insecure:
-                self.ssl_context.check_hostname = False
-                self.ssl_context.verify_mode = ssl.CERT_NONE
-
-
-class _Response:
-    """Incremental HTTP/1.1 response parsing over a connection's buffer."""
-
-    __slots__ = ("status", "body_start", "length", "chunked", "keep_alive")
-
-    @classmethod
-    def parse_head(cls, buf: bytearray, head_request: bool):
-        """The status line and headers once complete, else None; ValueError on garbage."""
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > 65536:
-                raise ValueError("response headers larger than 64 KiB")
-            return None
-        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        if not version.startswith("HTTP/1."):
-            raise ValueError("not an HTTP/1.x response")
-        response = cls()
-        response.status = int(rest[:3])
-        response.body_start = end + 4
-        response.length, response.chunked = None, False
-        response.keep_alive = version == "HTTP/1.1"
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.strip().lower(), value.strip().lower()
-            if name == "content-length":
-                response.length = int(value)
-            elif name == "transfer-encoding" and "chunked" in value:
-                response.chunked = True
-            elif name == "connection":
-                response.keep_alive = "close" not in value and (response.keep_alive or "keep-alive" in value)
-        if head_request or response.status in (204, 304) or 100 <= response.status < 200:
-            response.length, response.chunked = 0, False
-        if response.length is None and not response.chunked:
-            response.keep_alive = False     # the body runs to the end of the connection
-        return response
-
-    def body_end(self, buf: bytearray):
-        """Index just past the body when the whole body is in buf, else None."""
-        if self.chunked:
-            return _chunked_end(buf, self.body_start)
-        if self.length is None:
-            return None
-        end = self.body_start + self.length
-        return end if len(buf) >= end else None
-
-
-def _chunked_end(buf: bytearray, pos: int):
-    while True:
-        line_end = buf.find(b"\r\n", pos)
-        if line_end < 0:
-            return None
-        size = int(bytes(buf[pos:line_end]).split(b";")[0].strip() or b"x", 16)
-        if size < 0:
-            raise ValueError("negative chunk size")
-        if size == 0:
-            trailer_end = buf.find(b"\r\n\r\n", line_end)
-            if buf[line_end:line_end + 4] == b"\r\n\r\n":
-                return line_end + 4
-            return None if trailer_end < 0 else trailer_end + 4
-        pos = line_end + 2 + size + 2
-        if len(buf) < pos:
-            return None
-
-
-class _Conn:
-    """One keep-alive connection of the prober and the request it carries."""
-
-    __slots__ = ("sock", "state", "out", "buf", "due", "deadline", "served", "retried", "response", "slot")
-
-    def __init__(self, slot=None):
-        self.sock = None
-        self.state = "closed"
-        self.out = b""
-        self.buf = bytearray()
-        self.due = self.deadline = 0
-        self.served = 0
-        self.retried = False
-        self.response = None
-        self.slot = slot
-
-
-class ProbeResult:
-    """What a probe did: rows written, errors, connections opened, in-flight cap hits."""
-
-    def __init__(self):
-        self.rows = self.errors = self.connections = self.cap_hits = self.max_in_flight = 0
-        self.elapsed = 0.0
-        self.stopped_early = False
-
-
-def _iso_millis(epoch: float, _cache={}) -> str:
-    second = int(epoch)
-    prefix = _cache.get(second)
-    if prefix is None:
-        _cache.clear()
-        prefix = _cache[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{prefix}.{int((epoch - second) * 1000):03d}Z"
-
-
-_SHAPE_LIMITS = {"duration": (1e-3, 7 * 86400), "interval": (1e-3, 86400), "rate": (1e-3, 100000),
-                 "concurrency": (1, 10000), "timeout": (1e-3, 3600), "max_in_flight": (1, 10000)}
-
-
-def check_shape(duration, **shape) -> None:
-    """BadInput unless the measurement's length and load shape are sane numbers (checked before any I/O)."""
-    if sum(shape.get(key) is not None for key in ("interval", "concurrency", "rate")) > 1:
-        raise BadInput("choose one load shape: --interval, --concurrency or --rate")
-    for name, value in dict(shape, duration=duration).items():
-        if value is None:
-            continue
-        low, high = _SHAPE_LIMITS[name]
-        if not (isinstance(value, (int, float)) and low <= value <= high):
-            raise BadInput(f"--{name.replace('_', '-')} must be a number from {low:g} to {high:g}, got {value!r}")
-
-
-class Prober:
-    """An event loop over non-blocking keep-alive connections, for the three load shapes.
-
-    interval: one connection, a probe due every `interval` seconds; concurrency: N connections,
-    each sending the next request when the last ends (closed loop); rate: requests due on a fixed
-    schedule (open loop) over as many connections as needed up to `max_in_flight`.  Latency runs
-    from the moment a request was due (open loop and interval) or sent (closed loop) to the last
-    byte of the body; a request without a response within `timeout` is a row with code 0.
-    """
-
-    def __init__(self, target: Target, duration: float, out, *, interval=None, concurrency=None,
-                 rate=None, timeout=5.0, max_in_flight=256, on_row=None, should_stop=None, progress=None,
-                 block=None):
-        check_shape(duration, interval=interval, concurrency=concurrency, rate=rate, timeout=timeout,
-                    max_in_flight=max_in_flight)
-        self.target, self.out = target, out
-        self.duration_ns = int(duration * 1e9)
-        self.timeout_ns = int(timeout * 1e9)
-        self.concurrency = int(concurrency) if concurrency else None
-        self.period_ns = None if self.concurrency else int(1e9 / rate if rate else (interval or 1.0) * 1e9)
-        self.cap = 1 if interval or not (rate or concurrency) else int(max_in_flight)
-        self.on_row, self.should_stop, self.progress = on_row, should_stop, progress
-        self.suffix = "\n" if block is None else f",{block}\n"
-        self.result = ProbeResult()
-        self.selector = selectors.DefaultSelector()
-        self.idle = []
-        self.busy = set()
-        self.pending = collections.deque()
-        self.rows = []
-        self.resting = []
-        self.recent = collections.deque(maxlen=1000)
-
-    # -- the loop --
-    def run(self) -> ProbeResult:
-        """Probe until the duration is over and in-flight requests are answered or timed out."""
-        clock = time.perf_counter_ns
-        self.start_ns = start = clock()
-        self.start_wall = time.time()
-        end = start + self.duration_ns
-        hard_end = end + self.timeout_ns + 1_000_000_000
-        next_due = start
-        next_progress = start
-        if self.concurrency:
-            for slot in range(self.concurrency):
-                self._send(_Conn(slot), start)
-        try:
-            while True:
-                now = clock()
-                if self.should_stop is not None and self.should_stop():
-                    self.result.stopped_early = True
-                    break
-                if self.period_ns:
-                    while next_due <= now and next_due < end:
-                        self.pending.append(next_due)
-                        next_due += self.period_ns
-                    self._dispatch()
-                if self.resting:
-                    self._wake_resting(now, end)
-                self._expire(now)
-                self._flush()
-                if now >= end and not self.busy and not self.pending and not self.resting:
-                    break
-                if now >= hard_end:
-                    # Requests still queued behind the in-flight cap never got an answer: error rows.
-                    for due in self.pending:
-                        self._finish(_Conn(), 0, now, keep=False, due=due)
-                    self.pending.clear()
-                    break
-                if self.progress is not None and now >= next_progress:
-                    self.progress(self._progress_line(now))
-                    next_progress = now + 500_000_000
-                wake = min(end if now < end else hard_end, self._earliest_deadline(hard_end))
-                if self.period_ns and next_due < end:
-                    wake = min(wake, next_due)
-                if self.resting:
-                    wake = min(wake, min(at for at, _ in self.resting))
-                for key, mask in self.selector.select(max(0.0, (wake - clock()) / 1e9)):
-                    self._on_event(key.data, mask)
-        finally:
-            self._flush()
-            for conn in list(self.busy) + self.idle:
-                self._close(conn)
-            self.selector.close()
-            self.result.elapsed = (clock() - start) / 1e9
-        return self.result
-
-    def _progress_line(self, now):
-        recent = sorted(self.recent)
-        p50 = f"{percentile(recent, 50):.1f} ms" if recent else "-"
-        return (f"{(now - self.start_ns) / 1e9:6.1f}s  {self.result.rows} requests  "
-                f"{self.result.errors} errors  p50 {p50}")
-
-    def _dispatch(self):
-        while self.pending:
-            if self.idle:
-                conn = self.idle.pop()
-            elif len(self.busy) < self.cap:
-                conn = _Conn()
-            else:
-                self.result.cap_hits += 1
-                return
-            self._send(conn, self.pending.popleft())
-
-    def _wake_resting(self, now, end):
-        due = [(at, conn) for at, conn in self.resting if at <= now]
-        self.resting = [(at, conn) for at, conn in self.resting if at > now]
-        for _, conn in due:
-            if now < end:
-                self._send(conn, now)
-
-    def _earliest_deadline(self, default):
-        return min((conn.deadline for conn in self.busy), default=default)
-
-    def _expire(self, now):
-        for conn in [c for c in self.busy if c.deadline <= now]:
-            self._finish(conn, 0, now, keep=False)
-
-    # -- one request --
-    def _send(self, conn: _Conn, due: int):
-        conn.due = due
-        conn.deadline = time.perf_counter_ns() + self.timeout_ns
-        conn.buf.clear()
-        conn.response = None
-        conn.out = self.target.request
-        self.busy.add(conn)
-        self.result.max_in_flight = max(self.result.max_in_flight, len(self.busy))
-        if conn.sock is None:
-            if not self._connect(conn):
-                return
-        else:
-            conn.state = "sending"
-            try:
-                self._write(conn)
-            except OSError as exc:
-                self._failed(conn, exc)
-
-    def _connect(self, conn: _Conn) -> bool:
-        try:
-            info = socket.getaddrinfo(self.target.host, self.target.port, type=socket.SOCK_STREAM)[0]
-            sock = socket.socket(info[0], info[1], info[2])
-        except OSError:
-            self._finish(conn, 0, time.perf_counter_ns(), keep=False)
-            return False
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sock, conn.state, conn.served = sock, "connecting", 0
-        self.result.connections += 1
-        err = sock.connect_ex(info[4])
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            self._finish(conn, 0, time.perf_counter_ns(), keep=False)
-            return False
-        self.selector.register(sock, selectors.EVENT_WRITE, conn)
-        return True
-
-    def _on_event(self, conn: _Conn, mask):
-        if conn not in self.busy:
-            self._close(conn)      # an idle keep-alive connection closed by the server
-            return
-        try:
-            if conn.state == "connecting":
-                err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-                if self.target.tls:
-                    conn.sock = self.target.ssl_context.wrap_socket(
-                        conn.sock, server_hostname=self.target.host, do_handshake_on_connect=False)
-                    self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
-                    conn.state = "handshaking"
-                    self._handshake(conn)
-                else:
-                    conn.state = "sending"
-                    self._write(conn)
-            elif conn.state == "handshaking":
-                self._handshake(conn)
-            elif conn.state == "sending":
-                self._write(conn)
-            else:
-                self._read(conn)
-        except (OSError, ValueError) as exc:
-            self._failed(conn, exc)
-
-    def _handshake(self, conn):
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
-            return
-        except ssl.SSLWantWriteError:
-            self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
-            return
-        conn.state = "sending"
-        self._write(conn)
-
-    def _write(self, conn):
-        try:
-            sent = conn.sock.send(conn.out)
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            sent = 0
-        except ssl.SSLWantReadError:
-            sent = 0
-        conn.out = conn.out[sent:]
-        if conn.out:
-            self._watch(conn, selectors.EVENT_WRITE)
-        else:
-            conn.state = "receiving"
-            self._watch(conn, selectors.EVENT_READ)
-
-    def _watch(self, conn, events):
-        try:
-            self.selector.modify(conn.sock, events, conn)
-        except KeyError:
-            self.selector.register(conn.sock, events, conn)
-
-    def _read(self, conn):
-        sock = conn.sock
-        while True:
-            try:
-                data = sock.recv(262144)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                return
-            except ssl.SSLWantWriteError:
-                return
-            if not data:
-                self._eof(conn)
-                return
-            conn.buf += data
-            if self._complete(conn):
-                return
-            if not (self.target.tls and sock.pending()):
-                if len(data) < 262144:
-                    return
-
-    def _complete(self, conn) -> bool:
-        while conn.response is None:
-            conn.response = _Response.parse_head(conn.buf, self.target.method == "HEAD")
-            if conn.response is None:
-                return False
-            if 100 <= conn.response.status < 200 and conn.response.status != 101:
-                del conn.buf[:conn.response.body_start]      # an interim response (e.g. 103 Early Hints)
-                conn.response = None
-        end = conn.response.body_end(conn.buf)
-        if end is None:
-            return False
-        self._finish(conn, conn.response.status, time.perf_counter_ns(), keep=conn.response.keep_alive)
-        return True
-
-    def _eof(self, conn):
-        if conn.response is not None and conn.response.length is None and not conn.response.chunked:
-            self._finish(conn, conn.response.status, time.perf_counter_ns(), keep=False)
-        else:
-            self._failed(conn, ConnectionResetError("connection closed before the response ended"))
-
-    def _failed(self, conn, exc):
-        if conn.served and not conn.buf and not conn.retried:
-            # The server closed a keep-alive connection between requests: retry once on a new one.
-            due = conn.due
-            self._close(conn)
-            self.busy.discard(conn)
-            conn.retried = True
-            self._send(conn, due)
-            return
-        self._finish(conn, 0, time.perf_counter_ns(), keep=False)
-
-    def _finish(self, conn, code, now, keep, due=None):
-        if due is not None:
-            conn.due = due
-        latency_ms = (now - conn.due) / 1e6
-        self.busy.discard(conn)
-        self.result.rows += 1
-        if code == 0 or code >= 500:
-            self.result.errors += 1
-        else:
-            self.recent.append(latency_ms)
-        wall = self.start_wall + (conn.due - self.start_ns) / 1e9
-        self.rows.append(f"{_iso_millis(wall)},{latency_ms:.3f},{code}{self.suffix}")
-        if self.on_row is not None:
-            self.on_row(latency_ms, code, wall)
-        conn.retried = False
-        if keep and conn.sock is not None:
-            conn.served += 1
-            conn.state = "idle"
-        else:
-            self._close(conn)
-        if self.concurrency:
-            if code == 0:
-                # Pause a failing slot briefly so a refused port does not become a busy loop.
-                self.resting.append((now + 10_000_000, conn))
-            elif now < self.start_ns + self.duration_ns:
-                self._send(conn, time.perf_counter_ns())
-            else:
-                self._close(conn)
-        else:
-            if conn.sock is not None:
-                self.idle.append(conn)
-
-    def _close(self, conn):
-        if conn.sock is not None:
-            try:
-                self.selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-            conn.sock.close()
-            conn.sock = None
-        conn.state = "closed"
-        if conn in self.idle:
-            self.idle.remove(conn)
-
-    def _flush(self):
-        if self.rows:
-            self.out.write("".join(self.rows))
-            self.out.flush()
-            self.rows.clear()
-
-
-def measure_url(url: str, duration: float, out_path: str, *, method="GET", headers=(), insecure=False,
-                progress=None, on_row=None, should_stop=None, **shape) -> ProbeResult:
-    """Probe url for duration seconds, streaming rows to out_path as they complete."""
-    target = Target(url, method, headers, insecure)
-    shape = {k: v for k, v in shape.items() if v is not None}
-    check_shape(duration, **shape)
-    try:
-        handle = open(out_path, "w", encoding="utf-8", newline="")
-    except OSError as exc:
-        raise BadInput(f"{out_path}: cannot write: {exc.strerror or exc}") from None
-    with handle:
-        handle.write("timestamp,latency_ms,response_code\n")
-        prober = Prober(target, duration, handle, progress=progress, on_row=on_row,
-                        should_stop=should_stop, **shape)
-        return prober.run()
-
-
 ###### Files: atomic writes, the lock, the journal ######
 
 def utc_now() -> str:
@@ -2054,6 +2054,8 @@ class Runner:
             shutil.rmtree(os.path.join(self.home.runs, old), ignore_errors=True)
 
 
+###### Guardrails and the sequential stop ######
+
 class Guard:
     """Aborts a variant that is clearly harmful while it is applied; it never keeps anything.
 
@@ -2166,6 +2168,8 @@ def balanced_orders(rng: random.Random, pairs: int) -> list:
     first = set(rng.sample(range(pairs), pairs // 2 + (rng.random() < 0.5 if pairs % 2 else 0)))
     return [index in first for index in range(pairs)]
 
+
+###### Trial: one experiment's variants, by design ######
 
 class Trial:
     """One experiment's variants inside a run: switch, warm up, measure, decide, revert unless kept.
