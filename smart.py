@@ -46,7 +46,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
-from itertools import compress, count, islice, repeat
+from itertools import count, islice, repeat
 import statistics
 from statistics import NormalDist
 
@@ -1863,7 +1863,7 @@ class Runner:
                     continue
                 failed += self.run_experiment(experiment, rotation=rotation) != "done"
                 if os.path.exists(self.home.journal):
-                    self.log(f"a revert failed: no further experiment starts until it is fixed", "error")
+                    self.log("a revert failed: no further experiment starts until it is fixed", "error")
                     break
             return 1 if failed else 0
         return self.locked(each)
@@ -3192,7 +3192,7 @@ def doctor_checks(home: Home, settings: dict):
     check("python", sys.version_info >= (3, 11), f"{sys.version.split()[0]} at {sys.executable}",
           "install Python 3.11 or newer")
     owner = _owner(home.root)
-    check("home", os.path.isdir(home.root), f"{home.root} owned by {owner}", f"sudo deploy/install.sh")
+    check("home", os.path.isdir(home.root), f"{home.root} owned by {owner}", "sudo deploy/install.sh")
     writable = os.access(home.var, os.W_OK) if os.path.isdir(home.var) else os.access(home.root, os.W_OK)
     check("var writable", writable, f"{home.var} by {_user()}", f"sudo chown -R smart:smart {home.var}")
     check("dashboard page", os.path.isfile(os.path.join(home.www(), "index.html")),

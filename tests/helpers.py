@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -91,3 +92,22 @@ def run_cli(*args, env=None, cwd=None):
         timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL,
     )
     return completed.returncode, completed.stdout, completed.stderr
+
+
+def spawn_smart(test, home, args, env, out, err):
+    """Start `smart.py --home HOME ARGS` in its own process group, writing to the open files out/err;
+    the test's cleanup kills the group and closes the files."""
+    proc = subprocess.Popen([sys.executable, SMART_PY, "--home", home, *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+
+    def stop():
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(5)
+        out.close()
+        err.close()
+    test.addCleanup(stop)
+    return proc

@@ -10,7 +10,6 @@ import html.parser
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess

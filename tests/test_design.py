@@ -30,12 +30,9 @@ import time
 import unittest
 from datetime import datetime
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
-SMART_PY = os.path.join(REPO_ROOT, "smart.py")
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-import smart  # noqa: E402
+from helpers import SMART_PY, import_smart, spawn_smart
+
+smart = import_smart()
 
 MEASURE = {"rate": 50, "timeout": 2}
 RUN_TIMEOUT = 60
@@ -117,20 +114,8 @@ class DesignTestCase(unittest.TestCase):
         home = home or self.home
         out = tempfile.TemporaryFile("w+", encoding="utf-8")
         err = tempfile.TemporaryFile("w+", encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, SMART_PY, "--home", home, *args], env=self.env(**settings),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+        proc = spawn_smart(self, home, args, self.env(**settings), out, err)
         proc.out, proc.err = out, err
-
-        def stop():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(5)
-            out.close()
-            err.close()
-        self.addCleanup(stop)
         return proc
 
     def finish(self, proc, timeout=RUN_TIMEOUT):

@@ -19,7 +19,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +26,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import SMART_PY, clean_env, import_smart, run_cli  # noqa: E402
+from helpers import clean_env, import_smart, run_cli, spawn_smart  # noqa: E402
 
 smart = import_smart()
 
@@ -228,19 +227,7 @@ class RunTestCase(unittest.TestCase):
         """Start `smart.py --home HOME ARGS` in its own process group; killed in cleanup."""
         out = open(self.path("cli.out"), "w+", encoding="utf-8")
         err = open(self.path("cli.err"), "w+", encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, SMART_PY, "--home", self.home, *args], env=clean_env(env),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
-
-        def stop():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(5)
-            out.close()
-            err.close()
-        self.addCleanup(stop)
+        proc = spawn_smart(self, self.home, args, clean_env(env), out, err)
         return proc
 
     def spawned_output(self):
