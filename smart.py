@@ -1657,6 +1657,7 @@ class CommandResult:
 
     def __init__(self, command, code, output, seconds, timed_out):
         self.command, self.code, self.output, self.seconds, self.timed_out = command, code, output, seconds, timed_out
+        self.errors = ""
 
     @property
     def ok(self) -> bool:
@@ -1670,15 +1671,20 @@ class CommandResult:
         return f"exited {self.code} after {self.seconds:.2f} s"
 
 
-def run_command(command: str, cwd: str, timeout: float, env=None, should_stop=None) -> CommandResult:
+def run_command(command: str, cwd: str, timeout: float, env=None, should_stop=None,
+                stdout_only=False) -> CommandResult:
     """Run a shell command in its own process group; kill the whole group when it overruns.
 
-    With should_stop, the command is also killed as soon as should_stop() turns true.
+    With should_stop, the command is also killed as soon as should_stop() turns true.  The
+    output is stdout and stderr together, or with stdout_only stdout alone (stderr then goes
+    to the result's `errors`).
     """
     started = time.monotonic()
     try:
         child = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                 stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE if stdout_only else subprocess.STDOUT,
+                                 start_new_session=True)
     except OSError as exc:
         return CommandResult(command, None, str(exc), 0.0, False)
     deadline = started + timeout
@@ -1687,22 +1693,26 @@ def run_command(command: str, cwd: str, timeout: float, env=None, should_stop=No
         while True:
             try:
                 step = deadline - time.monotonic() if should_stop is None else min(0.2, deadline - time.monotonic())
-                output, _ = child.communicate(timeout=max(0.0, step))
+                output, errors = child.communicate(timeout=max(0.0, step))
                 break
             except subprocess.TimeoutExpired:
                 if time.monotonic() >= deadline or (should_stop is not None and should_stop()):
                     timed_out = time.monotonic() >= deadline
                     _kill_group(child)
-                    output, _ = child.communicate()
+                    output, errors = child.communicate()
                     break
     except BaseException:
         _kill_group(child)
         child.wait()
         raise
-    text = output.decode("utf-8", "replace")
-    if len(text) > 8000:
-        text = text[:4000] + "\n[... output cut ...]\n" + text[-4000:]
-    return CommandResult(command, child.returncode, text, time.monotonic() - started, timed_out)
+    result = CommandResult(command, child.returncode, _cut(output), time.monotonic() - started, timed_out)
+    result.errors = _cut(errors)
+    return result
+
+
+def _cut(raw) -> str:
+    text = (raw or b"").decode("utf-8", "replace")
+    return text if len(text) <= 8000 else text[:4000] + "\n[... output cut ...]\n" + text[-4000:]
 
 
 def _kill_group(child):
@@ -1801,7 +1811,7 @@ class Runner:
 
     def log_command(self, what: str, result: CommandResult) -> None:
         self.log(f"{what}: $ {result.command}  -> {result.describe()}")
-        for line in result.output.rstrip().splitlines()[-40:]:
+        for line in (result.output + result.errors).rstrip().splitlines()[-40:]:
             self.log(f"    | {line}")
 
     def save_state(self, **changes) -> None:
@@ -1809,8 +1819,9 @@ class Runner:
         self.state["updated_at"] = utc_now()
         write_json(self.home.state, self.state)
 
-    def command(self, what: str, command: str, cwd: str, timeout=None) -> CommandResult:
-        result = run_command(command, cwd, timeout or self.settings["COMMAND_TIMEOUT_SECONDS"])
+    def command(self, what: str, command: str, cwd: str, timeout=None, stdout_only=False) -> CommandResult:
+        result = run_command(command, cwd, timeout or self.settings["COMMAND_TIMEOUT_SECONDS"],
+                             stdout_only=stdout_only)
         self.log_command(what, result)
         return result
 
@@ -1844,6 +1855,9 @@ class Runner:
 
     def _close_interrupted_run(self, entry: dict) -> None:
         state = read_json(self.home.state)
+        if isinstance(state, dict) and state.get("run_id") == entry.get("run_id") and state.get("status") == "failed":
+            state.update(recovered_at=utc_now(), updated_at=utc_now())     # the failed revert is now done
+            write_json(self.home.state, state)
         if isinstance(state, dict) and state.get("run_id") == entry.get("run_id") and state.get("status") == "running":
             state.update(status="interrupted", phase="recovered",
                          reason=f"the run stopped while {entry.get('variant')} was applied; "
@@ -2019,7 +2033,7 @@ class Runner:
                         reason=reason or self.state.get("reason"))
         self._append_history(self.state)
         self.rotate_runs()
-        publish_dashboard(self.home)
+        publish_dashboard(self.home, running=False)
         self.log(f"finished: status {status}, kept {self.state['kept_variant'] or 'nothing'}")
 
     def ask_coach(self) -> None:
@@ -2392,7 +2406,7 @@ class Trial:
         """The experiment's own decider, given the two CSVs: keep or revert; anything else reverts."""
         command = (f"{self.experiment.decider} {shlex.quote(os.path.join(self.run_dir, 'baseline.csv'))} "
                    f"{shlex.quote(os.path.join(self.run_dir, name + '.csv'))}")
-        result = self.runner.command(f"decide {name}", command, self.experiment.path)
+        result = self.runner.command(f"decide {name}", command, self.experiment.path, stdout_only=True)
         lines = result.output.strip().splitlines()
         word = lines[-1].strip() if lines else ""
         if not result.ok:
@@ -2601,11 +2615,12 @@ def _history(home: Home):
         return
 
 
-def publish_dashboard(home: Home, history_runs: int = 200) -> None:
+def publish_dashboard(home: Home, history_runs: int = 200, running=None) -> None:
     """Publish var/history.json (the last runs), var/context.md and var/smart.prom, each atomically."""
     runs = collections.deque(_history(home), maxlen=history_runs)
     write_json(os.path.join(home.var, "history.json"), {"runs": list(runs), "updated_at": utc_now()})
-    write_atomic(os.path.join(home.var, "context.md"), format_status(collect_status(home), markdown=True))
+    write_atomic(os.path.join(home.var, "context.md"),
+                 format_status(collect_status(home, running=running), markdown=True))
     write_atomic(os.path.join(home.var, "smart.prom"), prometheus_metrics(home))
 
 
@@ -2643,14 +2658,18 @@ def next_timer_run():
     return value if value and value != "n/a" else None
 
 
-def collect_status(home: Home, runs: int = 10) -> dict:
-    """What is applied, the last verdicts, the next run and what needs attention, from var/ alone."""
+def collect_status(home: Home, runs: int = 10, running=None) -> dict:
+    """What is applied, the last verdicts, the next run and what needs attention, from var/ alone.
+
+    `running` says whether a run holds the lock; by default the lock is asked (a run writing its
+    own context.md at its end passes False: what it leaves behind is what counts).
+    """
     state = read_json(home.state)
     state = state if isinstance(state, dict) else None
     history = list(_history(home))
     kept = read_json(home.kept, {}) or {}
     journal = read_json(home.journal)
-    running = _lock_held(home)
+    running = _lock_held(home) if running is None else running
     applied = {experiment: {"variant": entry.get("variant"), "since": entry.get("kept_at"),
                             "run_id": entry.get("run_id"), "kept": True}
                for experiment, entry in kept.items() if isinstance(entry, dict)}
@@ -2666,7 +2685,7 @@ def collect_status(home: Home, runs: int = 10) -> dict:
                          f"{journal.get('run_id')} and not kept: run 'smart.py recover'")
     elif os.path.exists(home.journal) and journal is None:
         attention.append(f"{home.journal} is unreadable: check what is applied, then delete it")
-    if state and state.get("status") == "failed":
+    if state and state.get("status") == "failed" and not state.get("recovered_at"):
         attention.append(f"run {state.get('run_id')} failed: {state.get('reason')}")
     if state and state.get("status") == "running" and not running:
         attention.append(f"run {state.get('run_id')} says running but holds no lock: it died; "
@@ -2684,7 +2703,7 @@ def collect_status(home: Home, runs: int = 10) -> dict:
                  for experiment, entry in last.items()},
         "next_run": next_timer_run(), "attention": attention,
         "runs": [{key: entry.get(key) for key in ("run_id", "experiment", "status", "kept_variant", "metrics")}
-                 for entry in history[-runs:][::-1]],
+                 for entry in history[len(history) - runs:][::-1]] if runs > 0 else [],
     }
 
 
@@ -2772,9 +2791,9 @@ def prometheus_metrics(home: Home) -> str:
     metric("smart_kept_variant_info", "gauge", "1 for the variant kept and applied now.",
            [({"experiment": e, "variant": entry.get("variant")}, 1) for e, entry in kept.items()
             if isinstance(entry, dict)])
-    now = time.time()
-    metric("smart_variant_applied_seconds", "gauge", "Seconds since the kept variant was applied.",
-           [({"experiment": e, "variant": entry.get("variant")}, max(0.0, now - _epoch_or_none(entry.get("kept_at"))))
+    metric("smart_kept_variant_applied_timestamp_seconds", "gauge",
+           "Unix time the kept variant was applied (time() minus this is how long it has been).",
+           [({"experiment": e, "variant": entry.get("variant")}, _epoch_or_none(entry.get("kept_at")))
             for e, entry in kept.items() if isinstance(entry, dict) and _epoch_or_none(entry.get("kept_at"))])
     runs = collections.Counter(entry.get("status") for entry in history)
     metric("smart_runs_total", "counter", "Finished runs by status.",
@@ -3371,7 +3390,9 @@ def cmd_revert(args, settings) -> int:
     """revert EXPERIMENT: revert its kept variant (the experiment is tried again by the next run)."""
     home = Home(args.home)
     experiment = find_experiments(home.root, [args.experiment])[0]
-    return Runner(home, settings).revert_experiment(experiment)
+    code = Runner(home, settings).revert_experiment(experiment)
+    publish_dashboard(home)
+    return code
 
 
 def cmd_recover(args, settings) -> int:
@@ -3383,6 +3404,7 @@ def cmd_recover(args, settings) -> int:
         entry = runner.recover()
     if entry is None:
         print("nothing to recover: no variant is left applied")
+    publish_dashboard(home)
     return 0
 
 
@@ -3484,6 +3506,13 @@ _DECIDE_FLAGS = {
 }
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of SPEC.md."""
     common = _Parser(add_help=False)
@@ -3547,7 +3576,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("doctor", cmd_doctor, "check the installation and say what to fix")
     status = command("status", cmd_status, "what is applied, the last verdicts, what needs attention")
     status.add_argument("--json", action="store_true", help="one JSON object")
-    status.add_argument("--runs", type=int, default=10, metavar="N", help="recent runs to list (default 10)")
+    status.add_argument("--runs", type=_count, default=10, metavar="N", help="recent runs to list (default 10)")
     return parser
 
 

@@ -4,6 +4,7 @@
 #   sudo deploy/install.sh [--server-name NAME] [--port N]      install, or upgrade in place
 #   deploy/install.sh --dry-run                                  print each action, change nothing
 #   deploy/install.sh --prefix DIR [--nginx-conf FILE]           everything under DIR (tests)
+#   sudo deploy/install.sh --firewall [--ssh-port N]             also: ufw allows only SSH, 80, 443
 #
 # Idempotent: a second run changes nothing and says so; an upgrade replaces the code (smart.py,
 # www/, the shipped experiments, units, helper, sudoers, site) and keeps what is yours:
@@ -18,7 +19,7 @@ set -euo pipefail
 umask 022
 
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 options:
   --prefix DIR        install under DIR (no user, no systemctl, no chown; for tests)
@@ -31,6 +32,10 @@ options:
   --reload MODE       how the helper reloads nginx: auto (systemctl when systemd runs nginx,
                       else nginx -s reload), systemd or signal (default auto)
   --no-start          install but do not enable the timer
+  --firewall          also apply the firewall with ufw: allow the SSH port in use, 80/tcp and
+                      443/tcp (and --port N), deny all other incoming, allow outgoing, enable
+  --ssh-port N        the SSH port to keep open (repeatable); default: detected from sshd -T,
+                      else /etc/ssh/sshd_config, else $SSH_CONNECTION; refused when unknown
 EOF
 }
 
@@ -40,6 +45,7 @@ say() { echo "  $*"; }
 
 PREFIX="" DRY=0 SERVER_NAME="" PORT=80 PYTHON=/usr/bin/python3 NO_START=0
 NGINX_CONF="" NGINX_BIN="" RELOAD="" HELPER_CONF_GIVEN=0 WARNINGS=0 PORT_FLAG=0
+FIREWALL=0 SSH_PORTS=()
 while (($#)); do
     case "$1" in
         --prefix) PREFIX=${2:?--prefix needs a folder}; shift ;;
@@ -51,6 +57,8 @@ while (($#)); do
         --nginx-bin) NGINX_BIN=${2:?--nginx-bin needs a file}; HELPER_CONF_GIVEN=1; shift ;;
         --reload) RELOAD=${2:?--reload needs auto, systemd or signal}; HELPER_CONF_GIVEN=1; shift ;;
         --no-start) NO_START=1 ;;
+        --firewall) FIREWALL=1 ;;
+        --ssh-port) SSH_PORTS+=("${2:?--ssh-port needs a port number}"); shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option '$1'" ;;
     esac
@@ -68,6 +76,10 @@ for path in "$PYTHON" "${NGINX_CONF:-/x}" "${NGINX_BIN:-/x}"; do
 done
 [[ $PORT =~ ^[1-9][0-9]{0,4}$ ]] && ((PORT <= 65535)) || die "--port '$PORT' is not a port number"
 [[ -z $RELOAD || $RELOAD =~ ^(auto|systemd|signal)$ ]] || die "--reload must be auto, systemd or signal"
+for port in ${SSH_PORTS[@]+"${SSH_PORTS[@]}"}; do
+    [[ $port =~ ^[1-9][0-9]{0,4}$ ]] && ((port <= 65535)) || die "--ssh-port '$port' is not a port number"
+done
+((${#SSH_PORTS[@]} == 0 || FIREWALL)) || die "--ssh-port only matters with --firewall"
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [[ -f $SRC/smart.py && -d $SRC/deploy && -d $SRC/experiments ]] ||
@@ -121,6 +133,100 @@ NGINX_OK=1
 if ((REAL)) && ((!NGINX_OK)); then die "nginx not found; apt-get install -y nginx"; fi
 VISUDO=$(command -v visudo 2>/dev/null || true)
 if ((REAL)) && [[ -z $VISUDO ]]; then die "visudo not found (package sudo); apt-get install -y sudo"; fi
+
+# The firewall (--firewall): which SSH port(s) must stay open, decided before anything changes.
+# Under --prefix the box is simulated: sshd_config is read from DIR/etc/ssh, sshd -T is not asked
+# (it reads the real config), and no ufw command runs.
+port_list() { tr -s ' ' '\n' | grep -E '^[1-9][0-9]{0,4}$' | sort -nu | tr '\n' ' ' | sed 's/ $//'; }
+sshd_config_ports() {   # sshd_config_ports FILE: its Port lines (and Include'd files'), or "22" when none
+    local file=$1 found="" line word value inc pattern patterns
+    [[ -r $file ]] || return 1
+    while IFS= read -r line || [[ -n $line ]]; do
+        line=${line%%#*}
+        read -r word value _ <<<"$line" || true
+        case ${word,,} in
+            port) found+=" $value" ;;
+            listenaddress) [[ $value =~ :([0-9]+)$ ]] && found+=" ${BASH_REMATCH[1]}" ;;
+            include)     # Include PATTERN...: relative to /etc/ssh; the ports of every file add up
+                read -ra patterns <<<"$line"
+                for pattern in "${patterns[@]:1}"; do
+                    [[ $pattern == /* ]] || pattern=/etc/ssh/$pattern
+                    for inc in $PREFIX$pattern; do      # unquoted: the glob expands here
+                        [[ -f $inc ]] && found+=" $(sshd_config_ports "$inc" nodefault || true)"
+                    done
+                done ;;
+            match) break ;;      # Port may not appear in a Match block
+        esac
+    done <"$file"
+    found=$(port_list <<<"$found")
+    if [[ -z $found && -z ${2:-} ]]; then found=22; fi    # sshd's default
+    echo "$found"
+}
+detect_ssh_ports() {   # prints "PORTS<TAB>how found", or nothing when it cannot tell
+    local sshd out ports
+    if [[ -z $PREFIX ]]; then
+        sshd=$(command -v sshd 2>/dev/null || true)
+        [[ -n $sshd || ! -x /usr/sbin/sshd ]] || sshd=/usr/sbin/sshd
+        if [[ -n $sshd ]] && out=$("$sshd" -T 2>/dev/null); then
+            ports=$(awk '$1 == "port" { print $2 } $1 == "listenaddress" { n = split($2, a, ":"); print a[n] }' <<<"$out" | port_list)
+            [[ -z $ports ]] || { printf '%s\t%s\n' "$ports" "sshd -T"; return 0; }
+        fi
+    fi
+    if ports=$(sshd_config_ports "$PREFIX/etc/ssh/sshd_config") && [[ -n $ports ]]; then
+        printf '%s\t%s\n' "$ports" "$PREFIX/etc/ssh/sshd_config"; return 0
+    fi
+    if [[ -n ${SSH_CONNECTION:-} ]]; then
+        read -r _ _ _ ports _ <<<"$SSH_CONNECTION"
+        ports=$(port_list <<<"${ports:-}")
+        [[ -z $ports ]] || { printf '%s\t%s\n' "$ports" "\$SSH_CONNECTION"; return 0; }
+    fi
+    return 0
+}
+UFW_CMDS=()
+if ((FIREWALL)); then
+    if ((${#SSH_PORTS[@]})); then
+        FW_SSH=$(port_list <<<"${SSH_PORTS[*]}") FW_HOW="--ssh-port"
+    else
+        IFS=$'\t' read -r FW_SSH FW_HOW < <(detect_ssh_ports) || true
+        [[ -n ${FW_SSH:-} ]] || die "--firewall: cannot tell which port SSH listens on (no sshd -T, no
+    $PREFIX/etc/ssh/sshd_config, no \$SSH_CONNECTION); enabling ufw could lock you out.
+    Pass the port you log in on: --firewall --ssh-port 22 (repeat it for several ports)"
+    fi
+    # The session this runs in must survive, whatever the config says (a changed Port not yet
+    # restarted, a port-forward): its server port is kept open too.
+    if [[ -n ${SSH_CONNECTION:-} ]]; then
+        read -r _ _ _ live _ <<<"$SSH_CONNECTION"
+        if [[ ${live:-} =~ ^[1-9][0-9]{0,4}$ && " $FW_SSH " != *" $live "* ]]; then
+            FW_SSH=$(port_list <<<"$FW_SSH $live")
+            FW_HOW+=", and $live from \$SSH_CONNECTION (this session)"
+        fi
+    fi
+    FW_WEB="80 443"
+    [[ " $FW_WEB " == *" $PORT "* ]] || FW_WEB+=" $PORT"       # the dashboard on --port N
+    for port in $FW_SSH; do UFW_CMDS+=("ufw allow $port/tcp"); done
+    for port in $FW_WEB; do UFW_CMDS+=("ufw allow $port/tcp"); done
+    UFW_CMDS+=("ufw default deny incoming" "ufw default allow outgoing" "ufw --force enable")
+    UFW=$(command -v ufw 2>/dev/null || true)
+    [[ -n $UFW || ! -x /usr/sbin/ufw ]] || UFW=/usr/sbin/ufw
+    if ((REAL)) && ((!DRY)); then
+        [[ -n $UFW ]] || die "--firewall: ufw is not installed; apt-get install -y ufw (then run this again)"
+        # A deny or reject rule (from anywhere) already added for an SSH port would match before
+        # the allow added here: ufw takes the first rule that matches.
+        added=$("$UFW" show added 2>/dev/null || true)
+        for port in $FW_SSH; do
+            names="$port|$port/tcp"
+            ((port != 22)) || names+="|ssh|ssh/tcp|OpenSSH"
+            blocking=$(grep -E "^ufw (deny|reject)( in)? " <<<"$added" | grep -Ev " from " |
+                       grep -E " ($names)( |$)" || true)
+            blocking+=$(grep -E "^ufw (deny|reject)( in)? .*from any " <<<"$added" | grep -E " ($names)( |$)" || true)
+            [[ -z $blocking ]] || die "--firewall: ufw already has a rule that would block SSH port $port:
+$blocking
+    remove it first (sudo ufw status numbered; sudo ufw delete N), then run this again"
+        done
+    elif ((REAL)) && [[ -z $UFW ]]; then
+        warn "--firewall: ufw is not installed; apt-get install -y ufw before the real run"
+    fi
+fi
 
 if ((DRY)); then echo "dry run: nothing below is done"; fi
 echo "installing smart.py into ${OPT} ($(((REAL)) && echo "this box" || echo "prefix $PREFIX"))"
@@ -344,6 +450,28 @@ if ((REAL)); then
         fi
     else
         warn "systemd is not running here: the timer cannot start; run '$PYTHON $OPT/smart.py run' as smart from cron every 30 minutes"
+    fi
+fi
+
+# --- 8. the firewall (--firewall) -----------------------------------------------------------
+if ((FIREWALL)); then
+    tcp() { local p out=""; for p in $1; do out+="${out:+, }$p/tcp"; done; echo "$out"; }
+    say "firewall: SSH stays open on $(tcp "$FW_SSH") (from $FW_HOW); also allowed: $(tcp "$FW_WEB"); other incoming denied"
+    if ((DRY)) || ((!REAL)); then
+        ((DRY)) || say "firewall: --prefix leaves this box's firewall alone; the commands would be:"
+        for cmd in "${UFW_CMDS[@]}"; do say "would run: $cmd"; done
+    else
+        for cmd in "${UFW_CMDS[@]}"; do
+            read -ra argv <<<"$cmd"
+            out=$("$UFW" "${argv[@]:1}" 2>&1) || die "'$cmd' failed; the commands after it were not run:
+$out"
+            say "ran: $cmd"
+        done
+        status_out=$("$UFW" status 2>&1 || true)
+        for port in $FW_SSH; do
+            grep -Eq "^$port/tcp +ALLOW" <<<"$status_out" ||
+                warn "ufw status does not list $port/tcp as ALLOW; check 'sudo ufw status verbose' before you log out"
+        done
     fi
 fi
 

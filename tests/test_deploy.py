@@ -878,5 +878,135 @@ class SiteTest(unittest.TestCase):
             self.assertNotIn("default_server", handle.read())
 
 
+
+# ---------------------------------------------------------------- install.sh --firewall --
+
+class FirewallTest(unittest.TestCase):
+    """install.sh --firewall (issue 9): ufw allows the SSH port in use, 80 and 443, denies the rest.
+
+    ufw never runs here: every call is --dry-run or --prefix (which prints the commands and runs
+    none), and a fake ufw first on PATH fails the test if anything calls it.  Under --prefix the
+    SSH port comes from PREFIX/etc/ssh/sshd_config (sshd -T is not asked), else $SSH_CONNECTION.
+    """
+
+    ORDER_TAIL = ["ufw default deny incoming", "ufw default allow outgoing", "ufw --force enable"]
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="smart-firewall-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.prefix = os.path.join(self.root, "prefix")
+        self.nginx_conf = os.path.join(self.root, "nginx.conf")
+        with open(self.nginx_conf, "w") as handle:
+            handle.write("worker_processes 1;\nevents {}\n")
+        self.bin = os.path.join(self.root, "bin")
+        os.makedirs(self.bin)
+        self.ufw_called = os.path.join(self.root, "ufw-was-called")
+        fake = os.path.join(self.bin, "ufw")
+        with open(fake, "w") as handle:
+            handle.write(f"#!/bin/sh\necho \"$@\" >> {self.ufw_called}\nexit 0\n")
+        os.chmod(fake, 0o755)
+
+    def tearDown(self):
+        self.assertFalse(os.path.exists(self.ufw_called), "a test ran ufw")
+
+    def install(self, *args, ssh_connection=None):
+        env = clean_env({"PATH": self.bin + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")})
+        env.pop("SSH_CONNECTION", None)
+        if ssh_connection is not None:
+            env["SSH_CONNECTION"] = ssh_connection
+        return subprocess.run(["bash", INSTALL_SH, "--prefix", self.prefix, "--nginx-conf", self.nginx_conf,
+                               "--reload", "signal", *args], capture_output=True, text=True, timeout=60,
+                              env=env, stdin=subprocess.DEVNULL)
+
+    def sshd_config(self, text, extra=None):
+        folder = os.path.join(self.prefix, "etc", "ssh")
+        os.makedirs(os.path.join(folder, "sshd_config.d"), exist_ok=True)
+        with open(os.path.join(folder, "sshd_config"), "w") as handle:
+            handle.write(text)
+        for name, body in (extra or {}).items():
+            with open(os.path.join(folder, "sshd_config.d", name), "w") as handle:
+                handle.write(body)
+
+    def commands(self, result):
+        """The ufw commands install.sh says it would run, in order."""
+        self.assertEqual(result.returncode, 0, f"{result.stdout}\n{result.stderr}")
+        return [line.split("would run: ", 1)[1].strip() for line in result.stdout.splitlines()
+                if "would run: ufw" in line]
+
+    def assert_plan(self, commands, ssh_ports, web_ports=("80", "443")):
+        allows = [f"ufw allow {port}/tcp" for port in (*ssh_ports, *web_ports)]
+        self.assertEqual(commands, allows + self.ORDER_TAIL)
+        for port in ssh_ports:            # SSH is allowed before the default deny and the enable
+            self.assertLess(commands.index(f"ufw allow {port}/tcp"), commands.index("ufw default deny incoming"))
+            self.assertLess(commands.index(f"ufw allow {port}/tcp"), commands.index("ufw --force enable"))
+
+    def test_dry_run_prints_the_commands_with_ssh_before_enable(self):
+        result = self.install("--firewall", "--dry-run", "--ssh-port", "22")
+        self.assert_plan(self.commands(result), ["22"])
+        self.assertIn("SSH stays open on 22/tcp", result.stdout)
+        self.assertFalse(os.path.exists(self.prefix), "--dry-run created files")
+
+    def test_ssh_port_flag(self):
+        commands = self.commands(self.install("--firewall", "--dry-run", "--ssh-port", "2222"))
+        self.assert_plan(commands, ["2222"])
+        self.assertNotIn("ufw allow 22/tcp", commands)
+        commands = self.commands(self.install("--firewall", "--dry-run", "--ssh-port", "2222", "--ssh-port", "22"))
+        self.assert_plan(commands, ["22", "2222"])
+
+    def test_refuses_when_the_ssh_port_is_unknown(self):
+        result = self.install("--firewall", "--dry-run")           # no sshd_config, no $SSH_CONNECTION
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertIn("--ssh-port", result.stderr)
+        self.assertIn("SSH", result.stderr)
+        self.assertIn("install.sh: error: --firewall: cannot tell which port SSH listens on", result.stderr)
+        self.assertNotIn("ufw", result.stdout)
+        result = self.install("--firewall")                        # not a dry run: refused before any change
+        self.assertEqual(result.returncode, 1)
+        self.assertFalse(os.path.exists(os.path.join(self.prefix, "opt")), "installed although refused")
+
+    def test_port_from_sshd_config_and_its_includes(self):
+        self.sshd_config("Include /etc/ssh/sshd_config.d/*.conf\n#Port 22\n  port 2200   # mine\n"
+                         "ListenAddress 0.0.0.0:2300\nMatch User backup\n    Port 9\n",
+                         {"10-extra.conf": "Port 2201\n", "README": "Port 7\n"})
+        self.assert_plan(self.commands(self.install("--firewall", "--dry-run")), ["2200", "2201", "2300"])
+
+    def test_sshd_config_without_port_means_22(self):
+        self.sshd_config("# Port 2222\nPermitRootLogin no\n")
+        self.assert_plan(self.commands(self.install("--firewall", "--dry-run")), ["22"])
+
+    def test_port_of_the_ssh_session(self):
+        # No sshd_config: the server side of $SSH_CONNECTION.
+        commands = self.commands(self.install("--firewall", "--dry-run", ssh_connection="192.0.2.7 51000 10.0.0.5 2022"))
+        self.assert_plan(commands, ["2022"])
+        # The session's port is kept open besides the configured or given one.
+        self.sshd_config("Port 2200\n")
+        commands = self.commands(self.install("--firewall", "--dry-run", ssh_connection="192.0.2.7 51000 10.0.0.5 22"))
+        self.assert_plan(commands, ["22", "2200"])
+        commands = self.commands(self.install("--firewall", "--dry-run", "--ssh-port", "2222",
+                                              ssh_connection="192.0.2.7 51000 10.0.0.5 22"))
+        self.assert_plan(commands, ["22", "2222"])
+
+    def test_dashboard_port_is_allowed(self):
+        commands = self.commands(self.install("--firewall", "--dry-run", "--ssh-port", "22", "--port", "8081"))
+        self.assert_plan(commands, ["22"], ("80", "443", "8081"))
+
+    def test_prefix_install_prints_and_never_runs_ufw(self):
+        result = self.install("--firewall", "--ssh-port", "22")
+        self.assert_plan(self.commands(result), ["22"])
+        self.assertIn("leaves this box's firewall alone", result.stdout)
+        self.assertTrue(os.path.isfile(os.path.join(self.prefix, "opt", "smart", "smart.py")))
+
+    def test_without_firewall_no_ufw_and_bad_ports_refused(self):
+        result = self.install("--dry-run")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("ufw", result.stdout)
+        for args in (["--ssh-port", "22"], ["--firewall", "--ssh-port", "0"], ["--firewall", "--ssh-port", "65536"],
+                     ["--firewall", "--ssh-port", "22;reboot"], ["--firewall", "--ssh-port"]):
+            with self.subTest(args=args):
+                result = self.install("--dry-run", *args)
+                self.assertNotEqual(result.returncode, 0)
+                self.assertNotIn("would run: ufw", result.stdout)
+
+
 if __name__ == "__main__":
     unittest.main()
