@@ -86,13 +86,8 @@ SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
     die "$SRC does not look like the smart.py repository (smart.py, deploy/, experiments/)"
 
 # Where everything goes (the real paths are the ones the units, sudoers and site name).
-OPT=$PREFIX/opt/smart
-UNITS=$PREFIX/etc/systemd/system
-SUDOERS=$PREFIX/etc/sudoers.d/smart-server
-HELPER=$PREFIX/usr/local/sbin/smart-nginx
-HELPER_CONF=$PREFIX/etc/smart/nginx-helper.conf
-HELPER_STATE=$PREFIX/var/lib/smart-nginx
-NGINX_DIR=$PREFIX/etc/nginx
+# shellcheck source=deploy/layout.sh
+source "$(dirname "${BASH_SOURCE[0]}")/layout.sh"
 [[ -n $NGINX_CONF ]] || NGINX_CONF=$NGINX_DIR/nginx.conf
 [[ -n $NGINX_BIN ]] || NGINX_BIN=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
 [[ -n $RELOAD ]] || RELOAD=auto

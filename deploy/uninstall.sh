@@ -40,13 +40,8 @@ if ((REAL)) && ((!DRY)) && [[ $(id -u) != 0 ]]; then
     die "run as root (sudo $0), or --dry-run to see what it would do"
 fi
 
-OPT=$PREFIX/opt/smart
-UNITS=$PREFIX/etc/systemd/system
-SUDOERS=$PREFIX/etc/sudoers.d/smart-server
-HELPER=$PREFIX/usr/local/sbin/smart-nginx
-HELPER_CONF=$PREFIX/etc/smart/nginx-helper.conf
-HELPER_STATE=$PREFIX/var/lib/smart-nginx
-NGINX_DIR=$PREFIX/etc/nginx
+# shellcheck source=deploy/layout.sh
+source "$(dirname "${BASH_SOURCE[0]}")/layout.sh"
 PYTHON=/usr/bin/python3
 if [[ -f $UNITS/smart-experiment.service ]]; then
     PYTHON=$(sed -n 's/^ExecStart=\([^ ]*\) .*/\1/p' "$UNITS/smart-experiment.service" | head -n 1)
