@@ -1961,6 +1961,8 @@ class Runner:
         In the timer's rotation (no experiment named) an experiment that is resting is skipped.
         """
         why = self.resting(experiment) if rotation else None
+        if body is None and not rotation and self.revert_kept(experiment):
+            self.log(f"{experiment.id}: its kept variant was reverted, so the run starts from the baseline")
         if why:
             print(f"{experiment.id}: {why}", file=self.out)
             state = read_json(self.home.state)
