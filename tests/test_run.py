@@ -230,6 +230,15 @@ class RunTestCase(unittest.TestCase):
         proc = spawn_smart(self, self.home, args, clean_env(env), out, err)
         return proc
 
+    def interrupt(self, proc, sig):
+        """Send sig to a spawned run; (exit code, seconds it took to end, stdout, stderr)."""
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        rc = proc.wait(10)
+        took = time.monotonic() - sent
+        out, err = self.spawned_output()
+        return rc, took, out, err
+
     def spawned_output(self):
         return self.read("cli.out") or "", self.read("cli.err") or ""
 
@@ -490,11 +499,7 @@ class SignalsAndRecovery(RunTestCase):
         self.wait_phase("measuring v1")
         time.sleep(0.5)
         self.assertEqual(self.server(), "v1")
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(10)
-        took = time.monotonic() - sent
-        out, err = self.spawned_output()
+        rc, took, out, err = self.interrupt(proc, signal.SIGTERM)
 
         self.assertEqual(rc, 1, out + err)
         self.assertLess(took, 2.5, "the run took too long to act on SIGTERM")
@@ -519,12 +524,9 @@ class SignalsAndRecovery(RunTestCase):
         proc = self.spawn("run")
         self.wait_phase("cooldown v1")
         time.sleep(0.3)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(10)
-        out, err = self.spawned_output()
+        rc, took, out, err = self.interrupt(proc, signal.SIGINT)
         self.assertEqual(rc, 1, out + err)
-        self.assertLess(time.monotonic() - sent, 1.5)
+        self.assertLess(took, 1.5)
         self.assertNotIn("Traceback", err)
         self.assertEqual(self.server(), "baseline")
         self.assertEqual(self.order(), ["apply baseline", "apply v1", "revert"])
@@ -541,9 +543,7 @@ class SignalsAndRecovery(RunTestCase):
         self.wait_phase("measuring hold1")
         self.assertTrue(wait_for(lambda: self.read("hold.pid"), 5))
         time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(10)
-        out, err = self.spawned_output()
+        rc, _, out, err = self.interrupt(proc, signal.SIGTERM)
         self.assertEqual(rc, 1, out + err)
         hold = int(self.read("hold.pid"))
         self.assertTrue(wait_for(lambda: not os.path.exists(f"/proc/{hold}/cmdline")
@@ -852,13 +852,10 @@ class SwitchbackFaults(RunTestCase):
         self.wait_phase("measuring v1")
         time.sleep(0.5)
         self.assertEqual(self.server(), "v1")
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(10)
-        out, err = self.spawned_output()
+        rc, took, out, err = self.interrupt(proc, signal.SIGTERM)
 
         self.assertEqual(rc, 1, out + err)
-        self.assertLess(time.monotonic() - sent, 2.5)
+        self.assertLess(took, 2.5)
         self.assertNotIn("Traceback", err)
         self.assertEqual(self.server(), "baseline")
         order = self.order()
