@@ -2206,6 +2206,7 @@ class Trial:
         self.early_stop = self.settings["EARLY_STOP"] == "yes" and experiment.decider is None
         self.applied = None          # the variant applied now and not kept
         self.revert_failed = False
+        self.block = 0               # switchback blocks are numbered across the run; 0 is the opening warm-up
         self.reference = Arm()       # baseline rows the guard compares against
         self.files = {}
 
@@ -2340,7 +2341,7 @@ class Trial:
         return record
 
     def next_block(self) -> int:
-        self.block = getattr(self, "block", 0) + 1
+        self.block += 1
         return self.block
 
     def look_every(self, horizon: float) -> float:
@@ -3457,13 +3458,14 @@ def cmd_phone_home(args, settings) -> int:
     if args.run_id and (not isinstance(state, dict) or state.get("run_id") != args.run_id):
         state = next((entry for entry in _history(home) if entry.get("run_id") == args.run_id), None)
     if not isinstance(state, dict) or not state.get("run_id"):
-        raise BadInput(f"no run {args.run_id or ''} to send: {home.state} and {home.history} have none".replace("  ", " "))
+        which = f"run {args.run_id}" if args.run_id else "run"
+        raise BadInput(f"no {which} to send: neither {home.state} nor {home.history} has it")
     advice = phone_home(state, settings)
     print(f"coach {advice['coach']}: {advice['advice']}")
     if advice["next_variant"] or advice["confidence"] is not None:
         print(f"next_variant {advice['next_variant']}; confidence {advice['confidence']}")
-    if state is read_json(home.state) or (read_json(home.state) or {}).get("run_id") == state.get("run_id"):
-        current = read_json(home.state)
+    current = read_json(home.state)
+    if isinstance(current, dict) and current.get("run_id") == state.get("run_id"):
         current["coach"] = advice
         write_json(home.state, current)
     return 0
