@@ -2157,10 +2157,10 @@ class Look:
         return self.result
 
 
-def harm_found(base: Arm, var: Arm, thresholds: Thresholds):
-    """Why a variant applied on request does harm, or None: too little data, more errors, a worse
-    tail, or a p50 at least IMPROVE_PCT slower with significance (the rank test turned around)."""
-    result = verdict(base, var, thresholds)
+def harm_found(result: Verdict, base: Arm, var: Arm, thresholds: Thresholds):
+    """Why a variant applied on request does harm, or None, from its verdict against the baseline:
+    too little data, more errors, a worse tail, or a p50 at least IMPROVE_PCT slower with
+    significance (the rank test turned around)."""
     if "samples" in result.failed_rules:
         return f"too little data to verify it ({base.ok} and {var.ok} successful samples)"
     if "errors" in result.failed_rules:
@@ -2330,8 +2330,9 @@ class Trial:
             self.measure(name, seconds, arm, guard=guard)
         if guard.reason:
             return self.aborted(name, guard.reason)
-        record = self.decided(name, verdict(baseline, arm, self.thresholds))
-        harm = harm_found(baseline, arm, self.thresholds)
+        result = verdict(baseline, arm, self.thresholds)
+        record = self.decided(name, result)
+        harm = harm_found(result, baseline, arm, self.thresholds)
         record["decision"] = "revert" if harm else "keep"
         record["reason"] = (f"revert: applied on request, but {harm}" if harm else
                             f"keep: applied on request; no harm against the baseline "
@@ -2620,11 +2621,11 @@ def _history(home: Home):
 
 def publish_dashboard(home: Home, history_runs: int = 200, running=None) -> None:
     """Publish var/history.json (the last runs), var/context.md and var/smart.prom, each atomically."""
-    runs = collections.deque(_history(home), maxlen=history_runs)
-    write_json(os.path.join(home.var, "history.json"), {"runs": list(runs), "updated_at": utc_now()})
+    history = list(_history(home))
+    write_json(os.path.join(home.var, "history.json"), {"runs": history[-history_runs:], "updated_at": utc_now()})
     write_atomic(os.path.join(home.var, "context.md"),
-                 format_status(collect_status(home, running=running), markdown=True))
-    write_atomic(os.path.join(home.var, "smart.prom"), prometheus_metrics(home))
+                 format_status(collect_status(home, running=running, history=history), markdown=True))
+    write_atomic(os.path.join(home.var, "smart.prom"), prometheus_metrics(home, history))
 
 
 ###### Status: context.md, `status` and Prometheus metrics ######
@@ -2661,15 +2662,16 @@ def next_timer_run():
     return value if value and value != "n/a" else None
 
 
-def collect_status(home: Home, runs: int = 10, running=None) -> dict:
+def collect_status(home: Home, runs: int = 10, running=None, history=None) -> dict:
     """What is applied, the last verdicts, the next run and what needs attention, from var/ alone.
 
     `running` says whether a run holds the lock; by default the lock is asked (a run writing its
-    own context.md at its end passes False: what it leaves behind is what counts).
+    own context.md at its end passes False: what it leaves behind is what counts).  `history`
+    spares a caller that has read var/history.jsonl already a second read.
     """
     state = read_json(home.state)
     state = state if isinstance(state, dict) else None
-    history = list(_history(home))
+    history = list(_history(home)) if history is None else history
     kept = read_json(home.kept, {}) or {}
     journal = read_json(home.journal)
     running = _lock_held(home) if running is None else running
@@ -2752,9 +2754,9 @@ def _label(value) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus_metrics(home: Home) -> str:
+def prometheus_metrics(home: Home, history=None) -> str:
     """var/smart.prom for node_exporter's textfile collector (--collector.textfile.directory)."""
-    history = list(_history(home))
+    history = list(_history(home)) if history is None else history
     kept = read_json(home.kept, {}) or {}
     out = []
 
