@@ -2,11 +2,13 @@
 
 import json
 import os
+import sys
 import random
 import shutil
 import tempfile
 import unittest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import rows_from, run_cli, write_csv
 
 SPEC_ARM_KEYS = {"n", "errors", "p50_ms", "p90_ms", "p99_ms", "err_pct"}

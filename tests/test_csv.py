@@ -3,11 +3,13 @@
 import contextlib
 import io
 import os
+import sys
 import re
 import shutil
 import tempfile
 import unittest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import import_smart, write_csv
 
 smart = import_smart()

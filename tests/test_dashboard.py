@@ -10,6 +10,7 @@ import html.parser
 import http.client
 import json
 import os
+import sys
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import threading
 import unittest
 from datetime import datetime, timedelta, timezone
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import REPO_ROOT, import_smart
 
 smart = import_smart()

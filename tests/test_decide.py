@@ -2,10 +2,12 @@
 
 import math
 import os
+import sys
 import random
 import tempfile
 import unittest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import import_smart, rows_from, write_csv
 
 smart = import_smart()

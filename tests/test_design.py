@@ -30,6 +30,7 @@ import time
 import unittest
 from datetime import datetime
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import SMART_PY, import_smart, spawn_smart
 
 smart = import_smart()

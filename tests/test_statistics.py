@@ -5,10 +5,13 @@ the tests themselves import nothing but the standard library.
 """
 
 import math
+import os
 import random
+import sys
 import unittest
 from fractions import Fraction
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import import_smart
 
 smart = import_smart()
