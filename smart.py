@@ -8,8 +8,8 @@ whatever is not kept, and publishes what happened to a dashboard.  On any
 doubt or fault it reverts and says why.
 
 One file, Python 3.11+ standard library only.  The contract (command line,
-settings, file formats, decision rules, state.json) is SPEC.md; the names in
-__all__ are the stable API that tests and scripts may import.
+settings, file formats, decision rules, state.json) is docs/SPEC.md beside this
+file; the names in __all__ are the stable API that tests and scripts may import.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import count, islice, repeat
 import statistics
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 
-###### Errors ######
+###### Errors: each failure a user can see, with its exit code ######
 
 class SmartError(Exception):
     """A failure a user can act on; carries the process exit code."""
@@ -78,6 +79,32 @@ class WorkFailed(SmartError):
     """The work itself failed: a revert failed, a run was interrupted."""
     exit_code = 1
 
+
+class LockHeld(WorkFailed):
+    """Another run holds the home's lock."""
+
+
+class RevertFailed(WorkFailed):
+    """A revert failed: the box may be left on a variant; the journal stays for the next run."""
+
+
+class Interrupted(WorkFailed):
+    """SIGTERM or SIGINT arrived: what was applied has been reverted."""
+
+
+class ApplyFailed(SmartError):
+    """An apply command failed or overran its time box (the variant is reverted)."""
+
+
+class MeasureFailed(SmartError):
+    """A measurement failed (the variant is reverted)."""
+
+
+class CoachError(WorkFailed):
+    """The coach could not be reached or gave no usable reply (a run goes on regardless)."""
+
+
+###### Output: lines for the operator, the journal's priorities ######
 
 JOURNAL_PRIORITY = {"error": 3, "warning": 4, "info": 6}
 
@@ -106,79 +133,90 @@ def warn(message: str) -> None:
     emit(f"warning: {message}", sys.stderr, "warning")
 
 
-###### Settings ######
+###### Settings: smart.conf, the environment, flags ######
 
-def _number(kind, low=None, high=None, low_open=False, high_open=False):
-    """A validator for a number in a range; returns (parse, description)."""
-    def parse(text):
-        value = kind(text)
-        if not math.isfinite(value):
-            raise ValueError
-        if low is not None and (value < low or (low_open and value == low)):
-            raise ValueError
-        if high is not None and (value > high or (high_open and value == high)):
-            raise ValueError
-        return value
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low:g}")
-    if high is not None:
-        bounds.append(f"{'<' if high_open else '<='} {high:g}")
-    noun = "a whole number" if kind is int else "a number"
-    return parse, noun + (" " + " and ".join(bounds) if bounds else "")
+class Kind:
+    """What a setting or a meta.json field may hold: parsed from smart.conf text, or checked as a JSON value."""
+
+    def __init__(self, description: str, from_text, accepts):
+        self.description = description
+        self.from_text = from_text      # text -> value; ValueError when the text is not one
+        self.accepts = accepts          # a JSON value -> whether it is one
 
 
-def _choice(*options):
-    def parse(text):
-        if text not in options:
-            raise ValueError
-        return text
-    return parse, "one of " + ", ".join(options)
+    @classmethod
+    def number(cls, kind, low=None, high=None, low_open=False, high_open=False) -> "Kind":
+        """A whole number (kind int) or a number (kind float) in a range."""
+        def in_range(value):
+            return (math.isfinite(value)
+                    and (low is None or (value > low if low_open else value >= low))
+                    and (high is None or (value < high if high_open else value <= high)))
+
+        def from_text(text):
+            value = kind(text)
+            if not in_range(value):
+                raise ValueError(text)
+            return value
+
+        def accepts(value):
+            types = (int,) if kind is int else (int, float)
+            return isinstance(value, types) and not isinstance(value, bool) and in_range(value)
+
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        noun = "a whole number" if kind is int else "a number"
+        return cls(noun + (" " + " and ".join(bounds) if bounds else ""), from_text, accepts)
+
+    @classmethod
+    def choice(cls, *options) -> "Kind":
+        def from_text(text):
+            if text not in options:
+                raise ValueError(text)
+            return text
+        return cls("one of " + ", ".join(options), from_text, lambda value: value in options)
+
+    @classmethod
+    def text(cls, description="text", pattern=None) -> "Kind":
+        """A string; with pattern, one that matches it."""
+        def fits(value):
+            return isinstance(value, str) and (pattern is None or re.match(pattern, value) is not None)
+
+        def from_text(value):
+            if not fits(value):
+                raise ValueError(value)
+            return value
+        return cls(description, from_text, fits)
 
 
-def _url_or_empty():
-    def parse(text):
-        if text and not re.match(r"^https?://[^\s/]+", text):
-            raise ValueError
-        return text
-    return parse, "empty or an http:// or https:// URL"
+URL_OR_EMPTY = Kind.text("empty or an http:// or https:// URL", r"^(?:|https?://[^\s/]+.*)\Z")
+TOKEN = Kind.text("printable ASCII without spaces (it goes into an HTTP header)", r"^[\x21-\x7e]*\Z")
 
-
-def _text():
-    return str, "text"
-
-
-def _token():
-    def parse(text):
-        if any(not 0x21 <= ord(c) <= 0x7E for c in text):
-            raise ValueError
-        return text
-    return parse, "printable ASCII without spaces (it goes into an HTTP header)"
-
-
-# key: (default, (parse, description), meaning)
+# key: (default, Kind, meaning)
 SETTINGS = {
-    "BASELINE_SECONDS": (300.0, _number(float, 0, low_open=True), "baseline measurement length"),
-    "EXPERIMENT_SECONDS": (300.0, _number(float, 0, low_open=True), "each variant's measurement length"),
-    "COOLDOWN_SECONDS": (60.0, _number(float, 0), "wait after apply before measuring"),
-    "IMPROVE_PCT": (10.0, _number(float, 0, 100, high_open=True), "p50 improvement (%) needed to keep"),
-    "MAX_ERR_DELTA_PCT": (1.0, _number(float, 0, 100), "most error-rate increase (points) a kept variant may add"),
-    "CONFIDENCE": (0.99, _number(float, 0.5, 1, high_open=True), "confidence that the improvement is real"),
-    "MIN_SAMPLES": (30, _number(int, 2), "fewest successful samples per arm"),
-    "MAX_TAIL_REGRESS_PCT": (25.0, _number(float, 0), "most p99 regression (%) a kept variant may have"),
-    "DESIGN": ("switchback", _choice("switchback", "sequential"), "how variants are measured against the baseline"),
-    "BLOCKS": (12, _number(int, 2), "switchback: baseline/variant block pairs per variant"),
-    "WARMUP_SECONDS": (5.0, _number(float, 0), "switchback: measured, unjudged wait after each switch"),
-    "EARLY_STOP": ("yes", _choice("yes", "no"), "end a variant early once its verdict is certain"),
-    "LOOK_SECONDS": (5.0, _number(float, 0, low_open=True), "how often the sequential stop looks"),
-    "VERIFY_SECONDS": (60.0, _number(float, 0, low_open=True), "apply: baseline and variant check length"),
-    "COMMAND_TIMEOUT_SECONDS": (60.0, _number(float, 0, low_open=True), "time box of each command"),
-    "RETRY_HOURS": (24.0, _number(float, 0), "the timer tries an experiment that kept nothing again after this"),
-    "KEEP_RUNS": (200, _number(int, 1), "run folders kept under var/runs"),
-    "PHONE_HOME": ("borderline", _choice("never", "borderline", "always"), "when to ask the coach"),
-    "PHONE_HOME_URL": ("", _url_or_empty(), "coach endpoint"),
-    "PHONE_HOME_TOKEN": ("", _token(), "coach bearer token"),
-    "PHONE_HOME_MODEL": ("llama3.2", _text(), "model name for an Ollama-style local coach"),
+    "BASELINE_SECONDS": (300.0, Kind.number(float, 0, low_open=True), "baseline measurement length"),
+    "EXPERIMENT_SECONDS": (300.0, Kind.number(float, 0, low_open=True), "each variant's measurement length"),
+    "COOLDOWN_SECONDS": (60.0, Kind.number(float, 0), "wait after apply before measuring"),
+    "IMPROVE_PCT": (10.0, Kind.number(float, 0, 100, high_open=True), "p50 improvement (%) needed to keep"),
+    "MAX_ERR_DELTA_PCT": (1.0, Kind.number(float, 0, 100), "most error-rate increase (points) a kept variant may add"),
+    "CONFIDENCE": (0.99, Kind.number(float, 0.5, 1, high_open=True), "confidence that the improvement is real"),
+    "MIN_SAMPLES": (30, Kind.number(int, 2), "fewest successful samples per arm"),
+    "MAX_TAIL_REGRESS_PCT": (25.0, Kind.number(float, 0), "most p99 regression (%) a kept variant may have"),
+    "DESIGN": ("switchback", Kind.choice("switchback", "sequential"), "how variants are measured against the baseline"),
+    "BLOCKS": (12, Kind.number(int, 2), "switchback: baseline/variant block pairs per variant"),
+    "WARMUP_SECONDS": (5.0, Kind.number(float, 0), "switchback: measured, unjudged wait after each switch"),
+    "EARLY_STOP": ("yes", Kind.choice("yes", "no"), "end a variant early once its verdict is certain"),
+    "LOOK_SECONDS": (5.0, Kind.number(float, 0, low_open=True), "how often the sequential stop looks"),
+    "VERIFY_SECONDS": (60.0, Kind.number(float, 0, low_open=True), "apply: baseline and variant check length"),
+    "COMMAND_TIMEOUT_SECONDS": (60.0, Kind.number(float, 0, low_open=True), "time box of each command"),
+    "RETRY_HOURS": (24.0, Kind.number(float, 0), "the timer tries an experiment that kept nothing again after this"),
+    "KEEP_RUNS": (200, Kind.number(int, 1), "run folders kept under var/runs"),
+    "PHONE_HOME": ("borderline", Kind.choice("never", "borderline", "always"), "when to ask the coach"),
+    "PHONE_HOME_URL": ("", URL_OR_EMPTY, "coach endpoint"),
+    "PHONE_HOME_TOKEN": ("", TOKEN, "coach bearer token"),
+    "PHONE_HOME_MODEL": ("llama3.2", Kind.text(), "model name for an Ollama-style local coach"),
 }
 
 SECRET_SETTINGS = {"PHONE_HOME_TOKEN"}
@@ -207,12 +245,12 @@ def parse_conf(text: str, source: str) -> dict:
 
 
 def _validate(key: str, text: str, where: str):
-    parse, description = SETTINGS[key][1]
+    kind = SETTINGS[key][1]
     try:
-        return parse(text.strip())
+        return kind.from_text(text.strip())
     except ValueError:
         shown = "(value not shown)" if key in SECRET_SETTINGS else repr(text)
-        raise BadInput(f"{where}: {key}={shown} is not valid: expected {description}") from None
+        raise BadInput(f"{where}: {key}={shown} is not valid: expected {kind.description}") from None
 
 
 def load_settings(conf_path: str | None, environ=None, overrides=None, conf_required=False) -> dict:
@@ -246,7 +284,42 @@ def load_settings(conf_path: str | None, environ=None, overrides=None, conf_requ
 ###### Experiment definition (meta.json) ######
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-MEASURE_KEYS = {"concurrency", "rate", "timeout", "method", "headers", "insecure", "max_in_flight"}
+A_STRING = Kind.text("a string")
+A_COMMAND = Kind.text("a shell command string")
+
+# meta.json's fields with a plain value: field -> Kind; variants, target_url and measure are checked apart
+META_FIELDS = {
+    "id": A_STRING,
+    "description": A_STRING,
+    "revert": A_COMMAND,
+    "decide": A_COMMAND,
+    "design": SETTINGS["DESIGN"][1],
+    "blocks": SETTINGS["BLOCKS"][1],
+    "baseline_seconds": SETTINGS["BASELINE_SECONDS"][1],
+    "experiment_seconds": SETTINGS["EXPERIMENT_SECONDS"][1],
+    "cooldown_seconds": SETTINGS["COOLDOWN_SECONDS"][1],
+    "warmup_seconds": SETTINGS["WARMUP_SECONDS"][1],
+}
+
+
+def shape_kind(name: str, kind=float) -> Kind:
+    """A load-shape number with the prober's own limits (check_shape), for meta.json."""
+    return Kind.number(kind, *_SHAPE_LIMITS[name])
+
+
+def measure_fields() -> dict:
+    """meta.json's `measure` object: field -> Kind, the load shape within the prober's own limits."""
+    shape = shape_kind
+    return {
+        "concurrency": shape("concurrency", int),
+        "rate": shape("rate"),
+        "timeout": shape("timeout"),
+        "max_in_flight": shape("max_in_flight", int),
+        "method": Kind.text("an HTTP method name", _TOKEN.pattern),
+        "headers": Kind("a list of \"Name: value\" strings", None,
+                        lambda value: isinstance(value, list) and all(isinstance(h, str) for h in value)),
+        "insecure": Kind("true or false", None, lambda value: isinstance(value, bool)),
+    }
 
 
 class Experiment:
@@ -298,12 +371,44 @@ def load_experiment(path: str) -> Experiment:
     def bad(field, problem):
         return BadInput(f"{meta_path}: {field}: {problem}")
 
+    def check(where, value, kind):
+        if not kind.accepts(value):
+            raise bad(where, f"{value!r} is not valid: expected {kind.description}")
+
     if not isinstance(meta, dict):
         raise bad("(top level)", "expected a JSON object")
-    for field in ("id", "description", "revert", "target_url", "design", "decide"):
-        if field in meta and not isinstance(meta[field], str):
-            raise bad(field, "expected a string")
-    variants = meta.get("variants")
+    for field, kind in dict(META_FIELDS, measure_interval_sec=shape_kind("interval")).items():
+        if meta.get(field) is not None:
+            check(field, meta[field], kind)
+    _check_variants(meta.get("variants"), bad)
+    has_measure_sh = os.path.isfile(os.path.join(path, "measure.sh"))
+    if meta.get("target_url") is None and not has_measure_sh:
+        raise bad("target_url", "required (or a measure.sh in the folder)")
+    measure = meta.get("measure", {})
+    if not isinstance(measure, dict):
+        raise bad("measure", "expected an object")
+    fields = measure_fields()
+    for key, value in measure.items():
+        if key not in fields:
+            raise bad(f"measure.{key}", f"unknown; expected one of {', '.join(sorted(fields))}")
+        check(f"measure.{key}", value, fields[key])
+    if sum(key in measure for key in ("concurrency", "rate")) > 1:
+        raise bad("measure", "choose concurrency or rate, not both")
+    if meta.get("target_url") is not None:
+        try:
+            Target(meta["target_url"], measure.get("method", "GET"), measure.get("headers", []))
+        except BadInput as exc:
+            raise bad("target_url" if "URL" in str(exc) else "measure", str(exc)) from None
+    experiment = Experiment(path, meta)
+    for variant in experiment.candidates:
+        if experiment.apply_command(variant) is None:
+            raise bad(f"variant {variant['name']!r}", "no apply command and no apply.sh in the folder")
+    if not meta.get("revert") and not os.path.isfile(os.path.join(path, "revert.sh")):
+        raise bad("revert", "required (or a revert.sh in the folder)")
+    return experiment
+
+
+def _check_variants(variants, bad) -> None:
     if not isinstance(variants, list) or not variants:
         raise bad("variants", "expected a non-empty list of {\"name\": ..., \"apply\": ...}")
     seen = set()
@@ -317,50 +422,52 @@ def load_experiment(path: str) -> Experiment:
         if name in seen:
             raise bad(f"{where}.name", f"{name!r} is used twice")
         seen.add(name)
-        if "apply" in variant and not isinstance(variant["apply"], str):
+        if "apply" in variant and not A_COMMAND.accepts(variant["apply"]):
             raise bad(f"{where}.apply", "expected a shell command string")
     if len(variants) < 2:
         raise bad("variants", "needs at least one variant besides the baseline")
-    target = meta.get("target_url")
-    if target is None and not os.path.isfile(os.path.join(path, "measure.sh")):
-        raise bad("target_url", "required (or a measure.sh in the folder)")
-    if target is not None:
-        try:
-            Target(target)
-        except BadInput as exc:
-            raise bad("target_url", str(exc)) from None
-    if meta.get("design") not in (None, "sequential", "switchback"):
-        raise bad("design", f"{meta['design']!r} must be sequential or switchback")
-    blocks = meta.get("blocks")
-    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 2):
-        raise bad("blocks", f"{blocks!r} must be a whole number of at least 2")
-    for field in ("measure_interval_sec", "baseline_seconds", "experiment_seconds", "cooldown_seconds",
-                  "warmup_seconds"):
-        value = meta.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0
-                                  or (value == 0 and field not in ("cooldown_seconds", "warmup_seconds"))):
-            raise bad(field, f"{value!r} must be a positive number")
-    measure = meta.get("measure", {})
-    if not isinstance(measure, dict):
-        raise bad("measure", "expected an object")
-    for key, value in measure.items():
-        if key not in MEASURE_KEYS:
-            raise bad(f"measure.{key}", f"unknown; expected one of {', '.join(sorted(MEASURE_KEYS))}")
-        if key in ("concurrency", "rate", "timeout", "max_in_flight") and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-            raise bad(f"measure.{key}", f"{value!r} must be a positive number")
-    if sum(key in measure for key in ("concurrency", "rate")) > 1:
-        raise bad("measure", "choose concurrency or rate, not both")
-    if not isinstance(measure.get("headers", []), list):
-        raise bad("measure.headers", "expected a list of \"Name: value\" strings")
-    experiment = Experiment(path, meta)
-    for variant in experiment.candidates:
-        if experiment.apply_command(variant) is None:
-            raise bad(f"variant {variant['name']!r}", "no apply command and no apply.sh in the folder")
-    if not meta.get("revert") and not os.path.isfile(os.path.join(path, "revert.sh")):
-        raise bad("revert", "required (or a revert.sh in the folder)")
-    return experiment
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How an experiment's variants are measured: design and lengths from meta.json, else the settings."""
+
+    design: str
+    blocks: int
+    baseline_seconds: float
+    experiment_seconds: float
+    cooldown_seconds: float
+    warmup_seconds: float
+    look_seconds: float
+    early_stop: bool
+
+    @classmethod
+    def of(cls, experiment: Experiment, settings: dict) -> "Schedule":
+        def seconds(key):
+            value = experiment.seconds.get(key.lower())
+            return float(value if value is not None else settings[key])
+        return cls(design=experiment.design or settings["DESIGN"],
+                   blocks=int(experiment.blocks or settings["BLOCKS"]),
+                   baseline_seconds=seconds("BASELINE_SECONDS"), experiment_seconds=seconds("EXPERIMENT_SECONDS"),
+                   cooldown_seconds=seconds("COOLDOWN_SECONDS"), warmup_seconds=seconds("WARMUP_SECONDS"),
+                   look_seconds=settings["LOOK_SECONDS"],
+                   # a custom decider has the last word, so no built-in look may end a measurement early
+                   early_stop=settings["EARLY_STOP"] == "yes" and experiment.decider is None)
+
+    def look_every(self, horizon: float) -> float:
+        """Seconds between the sequential design's looks over a horizon."""
+        return max(0.5, min(self.look_seconds, horizon / 10))
+
+    def variant_seconds(self) -> float:
+        """The longest one variant's measuring can take."""
+        if self.design == "switchback":
+            return self.baseline_seconds + self.experiment_seconds + 2 * self.blocks * self.warmup_seconds
+        return self.cooldown_seconds + self.experiment_seconds
+
+    def run_seconds(self, variants: int) -> float:
+        """The longest a run of that many variants can take to measure."""
+        opening = self.warmup_seconds if self.design == "switchback" else self.baseline_seconds
+        return opening + variants * self.variant_seconds()
 
 
 def _meta_id(path: str):
@@ -887,6 +994,12 @@ def measure_url(url: str, duration: float, out_path: str, *, method="GET", heade
 
 ###### Measurement CSV ######
 
+def is_failure(code: int) -> bool:
+    """A failed request: no HTTP answer (code 0) or a server error (5xx).  Counted in the error rate,
+    left out of the latency percentiles (docs/SPEC.md "Measurement CSV")."""
+    return code == 0 or code >= 500
+
+
 class Arm:
     """One arm's measurements: successful latencies (array of float ms), counts, block labels."""
 
@@ -905,7 +1018,7 @@ class Arm:
     def add(self, latency_ms: float, code: int, block=None, at=None) -> None:
         """Count one request (used by the prober and by tests); `at` is when a block's first row was sent."""
         self.total += 1
-        failed = code == 0 or code >= 500
+        failed = is_failure(code)
         if block is not None:
             if self.blocks is None:
                 self.blocks = array.array("l", [0] * len(self.latencies))
@@ -1075,8 +1188,9 @@ class _CsvReader:
             return False
         self.labelled = False
         self.arm.total += len(codes)
-        if any(code == 0 or code >= 500 for code in distinct):
-            ok = [latency for latency, code in zip(latencies, codes) if 0 < code < 500]
+        failing = {code for code in distinct if is_failure(code)}
+        if failing:
+            ok = [latency for latency, code in zip(latencies, codes) if code not in failing]
             self.arm.errors += len(codes) - len(ok)
             latencies = ok
         self.arm.latencies.extend(latencies)
@@ -1127,7 +1241,7 @@ def percentile(sorted_values, pct: float):
 
 
 def summarize(arm: Arm, sorted_latencies) -> dict:
-    """The per-arm figures of SPEC.md: n, errors, p50/p90/p99 (ms, successful rows), err_pct."""
+    """The per-arm figures of docs/SPEC.md: n, errors, p50/p90/p99 (ms, successful rows), err_pct."""
     def rounded(value):
         return None if value is None else round(value, 3)
     return {
@@ -1395,10 +1509,10 @@ def median_ratio_interval(base_sorted, var_sorted, confidence: float):
     return math.exp(center - half), math.exp(center + half)
 
 
-###### The decision ######
+###### The decision: the five rules over two arms ######
 
 class Thresholds:
-    """The five rules' settings (SPEC.md "The decision")."""
+    """The five rules' settings (docs/SPEC.md "The decision")."""
 
     KEYS = ("IMPROVE_PCT", "MAX_ERR_DELTA_PCT", "CONFIDENCE", "MIN_SAMPLES", "MAX_TAIL_REGRESS_PCT")
 
@@ -1409,17 +1523,57 @@ class Thresholds:
         self.min_samples = settings["MIN_SAMPLES"]
         self.max_tail_regress_pct = settings["MAX_TAIL_REGRESS_PCT"]
 
+    def to_json(self) -> dict:
+        return {key.lower(): getattr(self, key.lower()) for key in self.KEYS}
+
 
 BORDERLINE_POINTS = 3.0
 EPSILON = 1e-9           # thresholds compare with this slack: 2.2 - 1.2 is 1.0000000000000002 in floats
 TAIL_CONFIDENCE = 0.90   # a p99 regression counts when more than 1% of requests exceed the bound at this confidence
 
 
-class Verdict:
-    """keep or revert, the rule that decided, and every figure behind it."""
+@dataclass(frozen=True)
+class Figures:
+    """What a verdict weighs, before any rule: both arms, the p50 change and its significance, errors, tail."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    baseline: dict                 # summarize() of each arm
+    variant: dict
+    base_ok: int                   # successful samples
+    var_ok: int
+    improve: float | None          # p50 improvement, % (the crossover estimate for blocked arms)
+    improve_ci: list | None        # its interval at the confidence, %
+    p_value: float                 # one-sided: the variant is faster
+    alpha: float                   # what p must not exceed (sequential_alpha at a look)
+    test: str
+    err_delta: float               # error-rate change, points
+    tail: float | None             # p99 change, %
+    tail_bound: float | None       # ms: base p99 x (1 + MAX_TAIL_REGRESS_PCT/100)
+    tail_above: int                # variant requests slower than the bound
+    blocks: list                   # per block pair: medians and which arm went first
+    fraction: float | None         # how far to the horizon a look is; None without looks
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """keep or revert, the rules that failed, and every figure behind it (decide --json prints it)."""
+
+    decision: str
+    reason: str
+    borderline: bool
+    failed_rules: list
+    baseline: dict
+    variant: dict
+    improve_pct: float | None
+    improve_ci: list | None
+    err_delta_pct: float
+    p99_regress_pct: float | None
+    p_value: float
+    alpha: float
+    confidence: float
+    test: str
+    blocks: list
+    fraction: float | None
+    thresholds: dict
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -1440,14 +1594,34 @@ def _round(value, digits=3):
 
 
 def verdict(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Verdict:
-    """Apply SPEC.md's five rules to two arms; pure (no I/O), the same input gives the same verdict.
+    """Apply docs/SPEC.md's five rules to two arms; pure (no I/O), the same input gives the same verdict.
 
-    Block-labelled arms are compared within the blocks both have: the rank test is van Elteren's,
-    and the p50 improvement and a second significance test come from the period-adjusted
-    crossover analysis of block medians, so drift between blocks cannot pass for an effect.
+    figures() computes the numbers, broken_rules() which rules they break, wording() the reason.
     `fraction` is set by a sequential stop: how far to the horizon this look is; rule 3 then
     uses sequential_alpha, whose error bound holds however many looks are made.
     """
+    fig = figures(base, var, thresholds, fraction)
+    broken = broken_rules(fig, thresholds)
+    t = thresholds
+    enough = fig.base_ok >= t.min_samples and fig.var_ok >= t.min_samples
+    near_bar = fig.improve is not None and abs(fig.improve - t.improve_pct) <= BORDERLINE_POINTS + EPSILON
+    names = [name for name, _ in broken]
+    return Verdict(
+        decision="revert" if broken else "keep", reason=wording(fig, broken, t),
+        borderline=enough and (near_bar or names == ["significance"]), failed_rules=names,
+        baseline=fig.baseline, variant=fig.variant,
+        improve_pct=_round(fig.improve),
+        improve_ci=None if fig.improve_ci is None else [_round(x) for x in fig.improve_ci],
+        err_delta_pct=_round(fig.err_delta, 4), p99_regress_pct=_round(fig.tail),
+        p_value=float(f"{fig.p_value:.6g}"), alpha=float(f"{fig.alpha:.6g}"), confidence=t.confidence,
+        test=fig.test, blocks=fig.blocks, fraction=fraction, thresholds=t.to_json(),
+    )
+
+
+def figures(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Figures:
+    """The numbers of a verdict.  Block-labelled arms are compared within the blocks both have: the
+    rank test is van Elteren's, and the p50 improvement and a second significance test come from the
+    period-adjusted crossover analysis of block medians, so drift between blocks cannot pass for an effect."""
     t = thresholds
     if base.blocks is not None and var.blocks is not None:
         common = set(base.block_totals) & set(var.block_totals)
@@ -1472,53 +1646,48 @@ def verdict(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Verdi
             improve_ci = [(1 - math.exp(cross["high"])) * 100, (1 - math.exp(cross["low"])) * 100]
             p_value = max(p_value, cross["p_value"])
             method = f"{method}, and {cross['method']} (df {cross['df']}); p is the larger"
-    alpha = 1 - t.confidence if fraction is None else sequential_alpha(t.confidence, fraction)
-    err_delta = var_fig["err_pct"] - base_fig["err_pct"]
     tail = _pct_change(base_fig["p99_ms"], var_fig["p99_ms"])
+    bound = None if base_fig["p99_ms"] is None else base_fig["p99_ms"] * (1 + t.max_tail_regress_pct / 100)
+    return Figures(
+        baseline=base_fig, variant=var_fig, base_ok=base.ok, var_ok=var.ok, improve=improve, improve_ci=improve_ci,
+        p_value=p_value, alpha=1 - t.confidence if fraction is None else sequential_alpha(t.confidence, fraction),
+        test=method, err_delta=var_fig["err_pct"] - base_fig["err_pct"], tail=tail, tail_bound=bound,
+        tail_above=0 if bound is None else var.ok - bisect.bisect_right(var_sorted, bound),
+        blocks=blocks, fraction=fraction)
 
-    failed = []
-    if base.ok < t.min_samples or var.ok < t.min_samples:
-        failed.append(("samples", f"insufficient data: {base.ok} baseline and {var.ok} variant successful "
-                                  f"samples, {t.min_samples} needed in each"))
-    else:
-        if err_delta > t.max_err_delta_pct + EPSILON:
-            failed.append(("errors", f"error rate rose {err_delta:.2f} points "
-                                     f"(at most {t.max_err_delta_pct:g} allowed)"))
-        if tail is not None and tail > t.max_tail_regress_pct + EPSILON:
-            limit = base_fig["p99_ms"] * (1 + t.max_tail_regress_pct / 100)
-            above = var.ok - bisect.bisect_right(var_sorted, limit)
-            p_tail = binomial_sf(above, var.ok, 0.01)
-            if p_tail <= 1 - TAIL_CONFIDENCE:
-                failed.append(("tail", f"p99 regressed {_fmt_pct(tail)} (at most {t.max_tail_regress_pct:g}% "
-                                       f"allowed; {above} of {var.ok} requests above {limit:.3g} ms, "
-                                       f"p={p_tail:.2g} against 1%)"))
-        if improve is None or improve < t.improve_pct - EPSILON:
-            change = (f"p50 got {_fmt_pct(-improve)} slower" if improve is not None and improve < 0
-                      else f"p50 improved only {_fmt_pct(improve)}")
-            failed.append(("improvement", f"{change} (needs a {t.improve_pct:g}% improvement)"))
-        if p_value > alpha * (1 + EPSILON):
-            look = "" if fraction is None else f" at {fraction:.0%} of the horizon"
-            failed.append(("significance", f"not significant at {t.confidence:g} confidence{look} "
-                                           f"(p={p_value:.3g}, needs <= {alpha:.3g})"))
-    decision = "revert" if failed else "keep"
-    if failed:
-        reason = "revert: " + "; ".join(text for _, text in failed)
-    else:
-        reason = (f"keep: p50 improved {_fmt_pct(improve)} (needs {t.improve_pct:g}%), significant "
-                  f"(p={p_value:.3g}); errors {err_delta:+.2f} points, p99 {_fmt_signed(tail)}")
-    enough = base.ok >= t.min_samples and var.ok >= t.min_samples
-    near_bar = improve is not None and abs(improve - t.improve_pct) <= BORDERLINE_POINTS + EPSILON
-    borderline = enough and (near_bar or [name for name, _ in failed] == ["significance"])
-    return Verdict(
-        decision=decision, reason=reason, borderline=borderline,
-        failed_rules=[name for name, _ in failed],
-        baseline=base_fig, variant=var_fig,
-        improve_pct=_round(improve), improve_ci=None if improve_ci is None else [_round(x) for x in improve_ci],
-        err_delta_pct=_round(err_delta, 4), p99_regress_pct=_round(tail),
-        p_value=float(f"{p_value:.6g}"), alpha=float(f"{alpha:.6g}"), confidence=t.confidence, test=method,
-        blocks=blocks, fraction=fraction,
-        thresholds={key.lower(): getattr(t, key.lower()) for key in Thresholds.KEYS},
-    )
+
+def broken_rules(fig: Figures, thresholds: Thresholds) -> list:
+    """(rule, why) for each rule the figures break; none broken means keep."""
+    t = thresholds
+    if fig.base_ok < t.min_samples or fig.var_ok < t.min_samples:
+        return [("samples", f"insufficient data: {fig.base_ok} baseline and {fig.var_ok} variant successful "
+                            f"samples, {t.min_samples} needed in each")]
+    broken = []
+    if fig.err_delta > t.max_err_delta_pct + EPSILON:
+        broken.append(("errors", f"error rate rose {fig.err_delta:.2f} points (at most {t.max_err_delta_pct:g} allowed)"))
+    if fig.tail is not None and fig.tail > t.max_tail_regress_pct + EPSILON:
+        p_tail = binomial_sf(fig.tail_above, fig.var_ok, 0.01)
+        if p_tail <= 1 - TAIL_CONFIDENCE:
+            broken.append(("tail", f"p99 regressed {_fmt_pct(fig.tail)} (at most {t.max_tail_regress_pct:g}% "
+                                   f"allowed; {fig.tail_above} of {fig.var_ok} requests above "
+                                   f"{fig.tail_bound:.3g} ms, p={p_tail:.2g} against 1%)"))
+    if fig.improve is None or fig.improve < t.improve_pct - EPSILON:
+        change = (f"p50 got {_fmt_pct(-fig.improve)} slower" if fig.improve is not None and fig.improve < 0
+                  else f"p50 improved only {_fmt_pct(fig.improve)}")
+        broken.append(("improvement", f"{change} (needs a {t.improve_pct:g}% improvement)"))
+    if fig.p_value > fig.alpha * (1 + EPSILON):
+        look = "" if fig.fraction is None else f" at {fig.fraction:.0%} of the horizon"
+        broken.append(("significance", f"not significant at {t.confidence:g} confidence{look} "
+                                       f"(p={fig.p_value:.3g}, needs <= {fig.alpha:.3g})"))
+    return broken
+
+
+def wording(fig: Figures, broken: list, thresholds: Thresholds) -> str:
+    """The verdict's reason: every broken rule, or why it is a keep."""
+    if broken:
+        return "revert: " + "; ".join(text for _, text in broken)
+    return (f"keep: p50 improved {_fmt_pct(fig.improve)} (needs {thresholds.improve_pct:g}%), significant "
+            f"(p={fig.p_value:.3g}); errors {fig.err_delta:+.2f} points, p99 {_fmt_signed(fig.tail)}")
 
 
 def _strata(base: Arm, var: Arm, base_sorted, var_sorted):
@@ -1577,11 +1746,46 @@ def decide_files(baseline_path: str, variant_path: str, thresholds: Thresholds) 
     return verdict(read_measurements(baseline_path), read_measurements(variant_path), thresholds)
 
 
-###### Files: atomic writes, the lock, the journal ######
+###### Files: the home, atomic writes, the lock ######
 
 def utc_now() -> str:
     """The current UTC time as ISO-8601 with a Z."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso_seconds(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Home:
+    """The paths of a home (docs/SPEC.md "Layout of a home")."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.var = os.path.join(root, "var")
+        self.runs = os.path.join(self.var, "runs")
+        self.state = os.path.join(self.var, "state.json")
+        self.history = os.path.join(self.var, "history.jsonl")
+        self.journal = os.path.join(self.var, "applied.json")
+        self.kept = os.path.join(self.var, "kept.json")
+
+    def www(self) -> str:
+        """The home's www/, else the one beside smart.py."""
+        own = os.path.join(self.root, "www")
+        return own if os.path.isdir(own) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "www")
+
+    def new_run_dir(self):
+        """A fresh RUN_ID (UTC start time, -2, -3... if taken) and its folder."""
+        os.makedirs(self.runs, exist_ok=True)
+        base = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        for suffix in count(1):
+            run_id = base if suffix == 1 else f"{base}-{suffix}"
+            path = os.path.join(self.runs, run_id)
+            try:
+                os.mkdir(path)
+                return run_id, path
+            except FileExistsError:
+                continue
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -1613,8 +1817,9 @@ def read_json(path: str, default=None):
         return default
 
 
-class LockHeld(WorkFailed):
-    """Another run holds the home's lock."""
+def read_kept(home: Home) -> dict:
+    """var/kept.json: experiment id -> {variant, run_id, kept_at, revert, path}; {} when there is none."""
+    return read_json(home.kept, {}) or {}
 
 
 class HomeLock:
@@ -1726,46 +1931,149 @@ def _kill_group(child):
             continue
 
 
-###### Run: the orchestrator ######
+###### Run record: what one run writes, and how it tells the operator ######
 
-class RevertFailed(WorkFailed):
-    """A revert failed: the box may be left on a variant; the journal stays for the next run."""
+class Log:
+    """A run's lines: timestamped on the operator's stream (the journal, under systemd) and in run.log.
+
+    Lines from before a run folder exists (a recovery, a skipped experiment) wait and go into the
+    next run.log.
+    """
+
+    def __init__(self, out=None):
+        self.out = sys.stdout if out is None else out
+        self.handle = None
+        self.waiting = []
+
+    def __call__(self, message: str, level: str = "info") -> None:
+        line = f"{utc_now()} {message}"
+        if self.handle is not None:
+            self.handle.write(line + "\n")
+            self.handle.flush()
+        else:
+            self.waiting.append(line)
+        emit(line, self.out, level)
+
+    def attach(self, path: str) -> None:
+        """Write the lines to path from now on, starting with those that waited."""
+        self.handle = open(path, "a", encoding="utf-8")
+        for line in self.waiting:
+            self.handle.write(line + "\n")
+        self.waiting.clear()
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def command(self, what: str, result: CommandResult) -> None:
+        """A command's outcome and the tail of its output."""
+        self(f"{what}: $ {result.command}  -> {result.describe()}")
+        for line in (result.output + result.errors).rstrip().splitlines()[-40:]:
+            self(f"    | {line}")
 
 
-class Interrupted(WorkFailed):
-    """SIGTERM or SIGINT arrived: what was applied has been reverted."""
+class Commands:
+    """The door to run_command for a run: the time box from the settings, every result in the log."""
+
+    def __init__(self, log: Log, timeout: float, run=run_command):
+        self.log, self.timeout, self.run = log, timeout, run
+
+    def __call__(self, what: str, command: str, cwd: str, timeout=None, env=None, should_stop=None,
+                 stdout_only=False) -> CommandResult:
+        result = self.run(command, cwd, timeout or self.timeout, env=env, should_stop=should_stop,
+                          stdout_only=stdout_only)
+        self.log.command(what, result)
+        return result
 
 
-class Home:
-    """The paths of a home (SPEC.md "Layout of a home")."""
+def variant_record(name: str, decision: str, reason: str, result=None, stopped_early=None, blocks=(),
+                   decider=None) -> dict:
+    """One variant's outcome, as state.json, history and the dashboard show it."""
+    return {"name": name, "decision": decision, "reason": reason,
+            "borderline": bool(result is not None and result.borderline),
+            "metrics": None if result is None else variant_metrics(result),
+            "verdict": None if result is None else result.to_json(),
+            "stopped_early": stopped_early, "blocks": list(blocks), "decider": decider}
 
-    def __init__(self, root: str):
-        self.root = root
-        self.var = os.path.join(root, "var")
-        self.runs = os.path.join(self.var, "runs")
-        self.state = os.path.join(self.var, "state.json")
-        self.history = os.path.join(self.var, "history.jsonl")
-        self.journal = os.path.join(self.var, "applied.json")
-        self.kept = os.path.join(self.var, "kept.json")
 
-    def www(self) -> str:
-        """The home's www/, else the one beside smart.py."""
-        own = os.path.join(self.root, "www")
-        return own if os.path.isdir(own) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "www")
+HISTORY_VARIANT_KEYS = ("name", "decision", "reason", "borderline", "metrics")
+HISTORY_KEYS = ("run_id", "experiment", "status", "kept_variant", "metrics", "started_at", "finished_at", "reason",
+                "design", "stopped_early")
 
-    def new_run_dir(self):
-        """A fresh RUN_ID (UTC start time, -2, -3... if taken) and its folder."""
-        os.makedirs(self.runs, exist_ok=True)
-        base = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        for suffix in count(1):
-            run_id = base if suffix == 1 else f"{base}-{suffix}"
-            path = os.path.join(self.runs, run_id)
-            try:
-                os.mkdir(path)
-                return run_id, path
-            except FileExistsError:
-                continue
 
+def variant_metrics(result: Verdict) -> dict:
+    """The figures of a verdict that state.json, history and the dashboard show per variant."""
+    metrics = {}
+    for prefix, figures_of_arm in (("base", result.baseline), ("var", result.variant)):
+        for key in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "err_pct"):
+            metrics[f"{prefix}_{key}"] = figures_of_arm[key]
+    metrics.update(improve_pct=result.improve_pct, improve_ci=result.improve_ci, p_value=result.p_value,
+                   err_delta_pct=result.err_delta_pct, p99_regress_pct=result.p99_regress_pct)
+    return metrics
+
+
+class RunRecord:
+    """One run's records: its folder, state.json, run.log, the journal, and the door to commands."""
+
+    def __init__(self, home: Home, log: Log, command: Commands, run_id: str, run_dir: str, state: dict):
+        self.home, self.log, self.command = home, log, command
+        self.run_id, self.run_dir, self.state = run_id, run_dir, state
+
+    @classmethod
+    def open(cls, home: Home, log: Log, command: Commands, experiment: Experiment) -> "RunRecord":
+        """A new run folder with its run.log, and the run's first state.json."""
+        try:
+            run_id, run_dir = home.new_run_dir()
+            log.attach(os.path.join(run_dir, "run.log"))
+        except OSError as exc:
+            raise WorkFailed(f"cannot create a run folder under {home.runs}: {exc.strerror or exc}; "
+                             "nothing was changed") from None
+        state = {
+            "run_id": run_id, "experiment": experiment.id, "description": experiment.description,
+            "kept_variant": None, "metrics": None, "status": "running", "phase": "starting",
+            "started_at": utc_now(), "finished_at": None, "host": socket.gethostname(),
+            "version": __version__, "design": None, "variants": [], "current": None, "reason": None,
+            "stopped_early": None, "defined_variants": [v["name"] for v in experiment.variants], "coach": None,
+        }
+        return cls(home, log, command, run_id, run_dir, state)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def save(self, **changes) -> None:
+        """Update state.json (atomically)."""
+        self.state.update(changes)
+        self.state["updated_at"] = utc_now()
+        write_json(self.home.state, self.state)
+
+    def phase(self, phase: str, current=None) -> None:
+        self.save(phase=phase, current=current)
+
+    def add_variant(self, record: dict) -> None:
+        """A variant's outcome; a decided one's figures are also the run's `metrics`."""
+        self.state["variants"].append(record)
+        if record["metrics"] is not None:
+            self.state["metrics"] = {key: record["metrics"][key] for key in
+                                     ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")}
+        if record["stopped_early"]:
+            self.state["stopped_early"] = f"{record['name']}: {record['stopped_early']}"
+
+    def write_journal(self, experiment: Experiment, variant: str) -> None:
+        """var/applied.json: what is about to be applied, so that a crashed run's successor reverts it."""
+        write_json(self.home.journal, {
+            "run_id": self.run_id, "experiment": experiment.id, "path": experiment.path, "variant": variant,
+            "revert": experiment.revert, "pid": os.getpid(), "written_at": utc_now()})
+
+    def clear_journal(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.home.journal)
+
+    def close(self) -> None:
+        self.log.detach()
+
+
+###### Runner: the lock, recovery, and the run's entry points ######
 
 class StopFlag:
     """Set by SIGTERM/SIGINT; every wait and measurement of a run checks it."""
@@ -1788,52 +2096,101 @@ class StopFlag:
 
 
 class Runner:
-    """Runs experiments the way SPEC.md "A run" says, so that no variant stays applied unless kept."""
+    """Runs experiments the way docs/SPEC.md "A run" says, so that no variant stays applied unless kept.
 
-    def __init__(self, home: Home, settings: dict, out=None, stop: StopFlag | None = None):
+    Entry points: run() for the experiments an operator names, run_rotation() for the timer's
+    pass over every experiment, apply() and revert_experiment() for one variant on purpose.
+    Each experiment is a run of its own (run_experiment); a Trial does the measuring and deciding.
+    """
+
+    def __init__(self, home: Home, settings: dict, out=None, stop: StopFlag | None = None, run=run_command,
+                 clock=time.monotonic):
         self.home, self.settings = home, settings
-        self.out = sys.stdout if out is None else out
         self.stop = stop or StopFlag()
-        self.log_handle = None
-        self.early_lines = []
-        self.state = None
+        self.log = Log(out)
+        self.command = Commands(self.log, settings["COMMAND_TIMEOUT_SECONDS"], run)
+        self.clock = clock
 
-    # -- logging and state --
-    def log(self, message: str, level: str = "info") -> None:
-        """One timestamped line in run.log and on stdout (the journal, under systemd)."""
-        line = f"{utc_now()} {message}"
-        if self.log_handle is not None:
-            self.log_handle.write(line + "\n")
-            self.log_handle.flush()
-        else:
-            self.early_lines.append(line)     # recovery before a run folder exists: goes into the next run.log
-        emit(line, self.out, level)
+    # -- entry points --
+    def run(self, experiments) -> int:
+        """The named experiments, each run now; a settled one's kept variant is reverted first."""
+        def start(experiment):
+            if self.revert_kept(experiment):
+                self.log(f"{experiment.id}: its kept variant was reverted, so the run starts from the baseline")
+            return self.run_experiment(experiment, Trial.run)
+        return self.locked(lambda: self.each(experiments, start))
 
-    def log_command(self, what: str, result: CommandResult) -> None:
-        self.log(f"{what}: $ {result.command}  -> {result.describe()}")
-        for line in (result.output + result.errors).rstrip().splitlines()[-40:]:
-            self.log(f"    | {line}")
+    def run_rotation(self, experiments) -> int:
+        """The timer's pass: every experiment that is not resting (settled, or tried within RETRY_HOURS)."""
+        def start(experiment):
+            why = self.resting(experiment)
+            if why is None:
+                return self.run_experiment(experiment, Trial.run)
+            self.log(f"{experiment.id}: {why}")
+            state = read_json(self.home.state)
+            if isinstance(state, dict):
+                state["checked_at"] = utc_now()      # the timer ran: the dashboard must not call it stale
+                write_json(self.home.state, state)
+            return "done"
+        return self.locked(lambda: self.each(experiments, start))
 
-    def save_state(self, **changes) -> None:
-        self.state.update(changes)
-        self.state["updated_at"] = utc_now()
-        write_json(self.home.state, self.state)
+    def apply(self, experiment: Experiment, name: str) -> int:
+        """Apply one known variant on purpose (a fleet rollout): verify it against a fresh baseline.
 
-    def command(self, what: str, command: str, cwd: str, timeout=None, stdout_only=False) -> CommandResult:
-        result = run_command(command, cwd, timeout or self.settings["COMMAND_TIMEOUT_SECONDS"],
-                             stdout_only=stdout_only)
-        self.log_command(what, result)
-        return result
+        0 when it is applied and did no harm (or was already applied); 1 when it did harm and was
+        reverted, or a revert failed.
+        """
+        variant = experiment.variant(name)
+        if variant is None or variant is experiment.baseline:
+            names = ", ".join(v["name"] for v in experiment.candidates)
+            raise BadInput(f"{experiment.id} has no variant {name!r} to apply; its variants: {names}")
 
-    # -- the journal --
-    def write_journal(self, experiment: Experiment, variant: str, run_id: str) -> None:
-        write_json(self.home.journal, {
-            "run_id": run_id, "experiment": experiment.id, "path": experiment.path, "variant": variant,
-            "revert": experiment.revert, "pid": os.getpid(), "written_at": utc_now()})
+        def work():
+            kept = read_kept(self.home).get(experiment.id)
+            if kept and kept.get("variant") == name:
+                self.log(f"{experiment.id}: {name} is already applied (kept in run {kept.get('run_id')}); "
+                         "nothing to do")
+                return 0
+            if kept:
+                self.revert_kept(experiment)
+            status = self.run_experiment(experiment, lambda trial: trial.run_apply(variant))
+            state = read_json(self.home.state, {}) or {}
+            return 0 if status == "done" and state.get("kept_variant") == name else 1
+        return self.locked(work)
 
-    def clear_journal(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.home.journal)
+    def revert_experiment(self, experiment: Experiment) -> int:
+        """Revert an experiment's kept variant, reopening the experiment; 0 also when nothing was applied."""
+        def work():
+            if not self.revert_kept(experiment):
+                self.log(f"{experiment.id}: nothing applied; it is on its baseline")
+            return 0
+        return self.locked(work)
+
+    # -- around every entry point --
+    def locked(self, work) -> int:
+        """Hold the home's lock with signals caught, revert what a crashed run left, then do the work."""
+        os.makedirs(self.home.var, exist_ok=True)
+        restore_signals = self.stop.install()
+        try:
+            with HomeLock(self.home.var):
+                self.recover()
+                return work()
+        finally:
+            restore_signals()
+
+    def each(self, experiments, start) -> int:
+        """start(experiment) for each in turn; 0 when all finished, 1 when any failed."""
+        failed = 0
+        for experiment in experiments:
+            if self.stop:
+                self.log(f"{self.stop.signal_name}: {experiment.id} not started")
+                failed += 1
+                continue
+            failed += start(experiment) != "done"
+            if os.path.exists(self.home.journal):
+                self.log("a revert failed: no further experiment starts until it is fixed", "error")
+                break
+        return 1 if failed else 0
 
     def recover(self) -> dict | None:
         """Revert what an interrupted run left applied (var/applied.json); RevertFailed if that fails."""
@@ -1849,7 +2206,8 @@ class Runner:
         if not result.ok:
             raise RevertFailed(f"recovery revert of {entry.get('experiment')}/{entry.get('variant')} "
                                f"{result.describe()}; fix it by hand, then run 'smart.py recover'")
-        self.clear_journal()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.home.journal)
         self._close_interrupted_run(entry)
         return entry
 
@@ -1863,71 +2221,11 @@ class Runner:
                          reason=f"the run stopped while {entry.get('variant')} was applied; "
                                 f"reverted by recovery at {utc_now()}", current=None, updated_at=utc_now())
             write_json(self.home.state, state)
-            self._append_history(state)
-
-    # -- one invocation --
-    def run(self, experiments, rotation=False) -> int:
-        """Lock, recover, then run each experiment; 0 when all finished, 1 when any failed."""
-        def each():
-            failed = 0
-            for experiment in experiments:
-                if self.stop:
-                    self.log(f"{self.stop.signal_name}: {experiment.id} not started")
-                    failed += 1
-                    continue
-                failed += self.run_experiment(experiment, rotation=rotation) != "done"
-                if os.path.exists(self.home.journal):
-                    self.log("a revert failed: no further experiment starts until it is fixed", "error")
-                    break
-            return 1 if failed else 0
-        return self.locked(each)
-
-    def locked(self, work) -> int:
-        """Hold the home's lock with signals caught, revert what a crashed run left, then do the work."""
-        os.makedirs(self.home.var, exist_ok=True)
-        restore_signals = self.stop.install()
-        try:
-            with HomeLock(self.home.var):
-                self.recover()
-                return work()
-        finally:
-            restore_signals()
-
-    def apply(self, experiment: Experiment, name: str) -> int:
-        """Apply one known variant on purpose (a fleet rollout): verify it against a fresh baseline.
-
-        0 when it is applied and did no harm (or was already applied); 1 when it did harm and was
-        reverted, or a revert failed.
-        """
-        variant = experiment.variant(name)
-        if variant is None or variant is experiment.baseline:
-            names = ", ".join(v["name"] for v in experiment.candidates)
-            raise BadInput(f"{experiment.id} has no variant {name!r} to apply; its variants: {names}")
-
-        def work():
-            kept = (read_json(self.home.kept, {}) or {}).get(experiment.id)
-            if kept and kept.get("variant") == name:
-                print(f"{experiment.id}: {name} is already applied (kept in run {kept.get('run_id')}); nothing to do",
-                      file=self.out)
-                return 0
-            if kept:
-                self.revert_kept(experiment)
-            status = self.run_experiment(experiment, body=lambda trial: trial.run_apply(variant))
-            state = read_json(self.home.state, {}) or {}
-            return 0 if status == "done" and state.get("kept_variant") == name else 1
-        return self.locked(work)
-
-    def revert_experiment(self, experiment: Experiment) -> int:
-        """Revert an experiment's kept variant, reopening the experiment; 0 also when nothing was applied."""
-        def work():
-            if not self.revert_kept(experiment):
-                print(f"{experiment.id}: nothing applied; it is on its baseline", file=self.out)
-            return 0
-        return self.locked(work)
+            self.append_history(state)
 
     def revert_kept(self, experiment: Experiment) -> bool:
         """Run the revert of the experiment's kept variant and forget it; RevertFailed if that fails."""
-        kept = read_json(self.home.kept, {}) or {}
+        kept = read_kept(self.home)
         entry = kept.get(experiment.id)
         if not entry:
             return False
@@ -1936,12 +2234,12 @@ class Runner:
             raise RevertFailed(f"revert of {experiment.id}/{entry.get('variant')} {result.describe()}")
         del kept[experiment.id]
         write_json(self.home.kept, kept)
-        print(f"{experiment.id}: reverted {entry.get('variant')}", file=self.out)
+        self.log(f"{experiment.id}: reverted {entry.get('variant')}")
         return True
 
     def resting(self, experiment: Experiment):
         """Why the timer's run skips an experiment now (a kept variant, or tried within RETRY_HOURS), or None."""
-        kept = (read_json(self.home.kept, {}) or {}).get(experiment.id)
+        kept = read_kept(self.home).get(experiment.id)
         if kept:
             return (f"settled, {kept.get('variant')} kept in run {kept.get('run_id')}; "
                     f"'smart.py revert {experiment.id}' reopens it")
@@ -1955,43 +2253,16 @@ class Runner:
                     f"RETRY_HOURS={self.settings['RETRY_HOURS']:g} (or name it to run it now)")
         return None
 
-    def run_experiment(self, experiment: Experiment, body=None, rotation=False) -> str:
-        """One experiment as one run: its own RUN_ID, run folder, state and history line.
-
-        In the timer's rotation (no experiment named) an experiment that is resting is skipped.
-        """
-        why = self.resting(experiment) if rotation else None
-        if body is None and not rotation and self.revert_kept(experiment):
-            self.log(f"{experiment.id}: its kept variant was reverted, so the run starts from the baseline")
-        if why:
-            print(f"{experiment.id}: {why}", file=self.out)
-            state = read_json(self.home.state)
-            if isinstance(state, dict):
-                state["checked_at"] = utc_now()      # the timer ran: the dashboard must not call it stale
-                write_json(self.home.state, state)
-            return "done"
+    # -- one run --
+    def run_experiment(self, experiment: Experiment, body) -> str:
+        """One experiment as one run: its own RUN_ID, run folder, state and history line; body(trial) measures."""
+        record = RunRecord.open(self.home, self.log, self.command, experiment)
+        trial = self.trial(record, experiment)
         try:
-            run_id, run_dir = self.home.new_run_dir()
-            self.log_handle = open(os.path.join(run_dir, "run.log"), "a", encoding="utf-8")
-        except OSError as exc:
-            raise WorkFailed(f"cannot create a run folder under {self.home.runs}: {exc.strerror or exc}; "
-                             "nothing was changed") from None
-        for line in self.early_lines:
-            self.log_handle.write(line + "\n")
-        self.early_lines.clear()
-        self.state = {
-            "run_id": run_id, "experiment": experiment.id, "description": experiment.description,
-            "kept_variant": None, "metrics": None, "status": "running", "phase": "starting",
-            "started_at": utc_now(), "finished_at": None, "host": socket.gethostname(),
-            "version": __version__, "design": None, "variants": [], "current": None, "reason": None,
-            "stopped_early": None, "defined_variants": [v["name"] for v in experiment.variants], "coach": None,
-        }
-        trial = Trial(self, experiment, run_id, run_dir)
-        try:
-            self.save_state()
-            self.log(f"run {run_id}: experiment {experiment.id} ({len(experiment.candidates)} variants)")
-            self.hook("pre-run", run_id)
-            (body or Trial.run)(trial)
+            record.save()
+            self.log(f"run {record.run_id}: experiment {experiment.id} ({len(experiment.candidates)} variants)")
+            self.hook("pre-run", record)
+            body(trial)
             status = "done"
         except Interrupted as exc:
             status, reason = "interrupted", str(exc)
@@ -2001,65 +2272,69 @@ class Runner:
             status, reason = "failed", str(exc) if isinstance(exc, SmartError) else f"I/O error: {exc}"
         problems = []
         if status != "done":
-            reason = trial.abandon(reason)
-            self.log(f"run {run_id} {status}: {reason}", "error" if status == "failed" else "warning")
+            reason = trial.switch.abandon(reason)
+            self.log(f"run {record.run_id} {status}: {reason}", "error" if status == "failed" else "warning")
             problems.append(f"{status}: {reason}")
         try:
-            self.finish(status, None if status == "done" else reason)
-            self.ask_coach()
-            self.hook("post-run", run_id)
+            self.finish(record, status, None if status == "done" else reason)
+            self.ask_coach(record)
+            self.hook("post-run", record)
         except OSError as exc:
             status = "failed"
             problems.append(f"could not be recorded: {exc}")
         finally:
-            self.log_handle.close()
-            self.log_handle = None
+            record.close()
         if problems:
-            emit(f"error: run {run_id} of {experiment.id} " + "; and ".join(problems), sys.stderr, "error")
+            emit(f"error: run {record.run_id} of {experiment.id} " + "; and ".join(problems), sys.stderr, "error")
         return status
 
-    def hook(self, name: str, run_id: str) -> None:
+    def trial(self, record: RunRecord, experiment: Experiment) -> "Trial":
+        """The Trial of one run, with its switcher and measurer."""
+        schedule = Schedule.of(experiment, self.settings)
+        return Trial(record, experiment, schedule, Thresholds(self.settings), self.settings["VERIFY_SECONDS"],
+                     Switcher(record, experiment, self.stop), Measurer(record, experiment, schedule, self.stop),
+                     self.stop, self.clock)
+
+    def hook(self, name: str, record: RunRecord) -> None:
         path = os.path.join(self.home.root, "hooks", name)
         if not os.access(path, os.X_OK):
             return
-        result = self.command(f"{name} hook", f"{shlex.quote(path)} {run_id} {shlex.quote(self.home.state)}",
+        result = self.command(f"{name} hook", f"{shlex.quote(path)} {record.run_id} {shlex.quote(self.home.state)}",
                               self.home.root)
         if not result.ok:
             if name == "pre-run":
                 raise WorkFailed(f"pre-run hook {result.describe()}; nothing was changed")
             self.log(f"warning: post-run hook {result.describe()}")
 
-    def finish(self, status: str, reason) -> None:
+    def finish(self, record: RunRecord, status: str, reason) -> None:
         """Final state.json, history line, run-folder rotation, dashboard files."""
-        self.save_state(status=status, phase="finished", finished_at=utc_now(), current=None,
-                        reason=reason or self.state.get("reason"))
-        self._append_history(self.state)
+        record.save(status=status, phase="finished", finished_at=utc_now(), current=None,
+                    reason=reason or record.state.get("reason"))
+        self.append_history(record.state)
         self.rotate_runs()
         publish_dashboard(self.home, running=False)
-        self.log(f"finished: status {status}, kept {self.state['kept_variant'] or 'nothing'}")
+        self.log(f"finished: status {status}, kept {record.state['kept_variant'] or 'nothing'}")
 
-    def ask_coach(self) -> None:
+    def ask_coach(self, record: RunRecord) -> None:
         """Phone home when PHONE_HOME says so; a coach that fails is logged, never fatal."""
-        if not wants_coach(self.state, self.settings):
+        if not wants_coach(record.state, self.settings):
             return
         self.log(f"asking the coach {_public_url(self.settings['PHONE_HOME_URL'])}")
         try:
-            advice = phone_home(self.state, self.settings)
+            advice = phone_home(record.state, self.settings)
         except (SmartError, OSError) as exc:
             self.log(f"coach: {exc}", "warning")
-            self.save_state(coach={"advice": None, "error": str(exc), "at": utc_now(),
-                                   "coach": _public_url(self.settings["PHONE_HOME_URL"])})
+            record.save(coach={"advice": None, "error": str(exc), "at": utc_now(),
+                               "coach": _public_url(self.settings["PHONE_HOME_URL"])})
             return
         self.log(f"coach advice (shown, never executed): {advice['advice']!r}; next_variant "
                  f"{advice['next_variant']}; confidence {advice['confidence']}")
-        self.save_state(coach=advice)
+        record.save(coach=advice)
         publish_dashboard(self.home)
 
-    def _append_history(self, state: dict) -> None:
-        entry = {key: state.get(key) for key in ("run_id", "experiment", "status", "kept_variant", "metrics",
-                                                 "started_at", "finished_at", "reason", "design", "stopped_early")}
-        entry["variants"] = [{key: v.get(key) for key in ("name", "decision", "reason", "borderline", "metrics")}
-                             for v in state.get("variants", [])]
+    def append_history(self, state: dict) -> None:
+        entry = {key: state.get(key) for key in HISTORY_KEYS}
+        entry["variants"] = [{key: v.get(key) for key in HISTORY_VARIANT_KEYS} for v in state.get("variants", [])]
         with open(self.home.history, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
 
@@ -2070,91 +2345,228 @@ class Runner:
             shutil.rmtree(os.path.join(self.home.runs, old), ignore_errors=True)
 
 
-###### Guardrails and the sequential stop ######
+###### Trial: the designs' schedules and each variant's outcome ######
 
-class Guard:
-    """Aborts a variant that is clearly harmful while it is applied; it never keeps anything.
+class Trial:
+    """One experiment's variants inside a run: switch, warm up, measure, decide, revert unless kept.
 
-    Fed every row from the moment of the apply (warm-up included).  Clearly harmful means: the
-    error rate is above the reference's plus MAX_ERR_DELTA_PCT even at the lower end of a
-    GUARD_CONFIDENCE interval, or the median latency is GUARD_FACTOR times the reference's p99.
+    Two designs.  sequential (the original flow): the baseline first, then each variant after
+    a cool-down.  switchback: per variant, BLOCKS pairs of a baseline block and a variant block
+    in random order, each after a measured warm-up, judged within blocks so drift cancels out.
+    In both, a Guard aborts a harmful variant at once and, with EARLY_STOP, a Look may end a
+    variant's measurement as soon as its verdict is certain.  Switching is the Switcher's job,
+    measuring the Measurer's; the clock is a seam (bench/design_quality.py runs a virtual one).
     """
 
-    def __init__(self, reference: Arm, thresholds: Thresholds):
-        self.reference, self.thresholds = reference, thresholds
-        self.started = time.monotonic()
-        self.latencies = []
-        self.total = self.errors = 0
-        self.checked = 0.0
-        self.reason = None
+    def __init__(self, record: RunRecord, experiment: Experiment, schedule: Schedule, thresholds: Thresholds,
+                 verify_seconds: float, switch: "Switcher", measurer: "Measurer", stop: StopFlag,
+                 clock=time.monotonic):
+        self.record, self.experiment, self.schedule, self.thresholds = record, experiment, schedule, thresholds
+        self.verify_seconds = verify_seconds
+        self.switch, self.measure, self.stop, self.clock = switch, measurer.measure, stop, clock
+        self.log = record.log
+        self.block = 0               # switchback blocks are numbered across the run; 0 is the opening warm-up
+        self.reference = Arm()       # baseline rows the guard compares against
 
-    def add(self, latency_ms: float, code: int) -> None:
-        self.total += 1
-        if code == 0 or code >= 500:
-            self.errors += 1
+    def guard(self) -> "Guard":
+        return Guard(self.reference, self.thresholds, self.clock)
+
+    # -- the two designs --
+    def run(self) -> None:
+        self.record.save(design=self.schedule.design)
+        self.switch.to(self.experiment.baseline)
+        if self.schedule.design == "switchback":
+            self.run_switchback()
         else:
-            self.latencies.append(latency_ms)
+            self.run_sequential()
 
-    def tripped(self) -> bool:
-        """Check at most twice a second; once tripped, stays tripped."""
-        now = time.monotonic()
-        if self.reason is None and now - self.checked >= 0.5:
-            self.checked = now
-            self.reason = self.check(now - self.started)
-        return self.reason is not None
+    def run_sequential(self) -> None:
+        baseline = Arm()
+        self.measure("baseline", self.schedule.baseline_seconds, baseline)
+        self.reference = baseline
+        for variant in self.experiment.candidates:
+            self.stop.check()
+            if self.record_outcome(variant, self.attempt(variant, lambda: self.sequential_variant(variant, baseline))):
+                return
 
-    def check(self, seconds: float):
-        if self.total < GUARD_MIN_ROWS:
-            return None
-        reference = self.reference
-        base_rate = reference.errors / reference.total if reference.total else 0.0
-        bound = wilson_lower(self.errors, self.total, GUARD_CONFIDENCE)
-        if bound > base_rate + self.thresholds.max_err_delta_pct / 100:
-            return (f"guardrail: {self.errors} of {self.total} requests failed in {seconds:.0f} s "
-                    f"({100 * self.errors / self.total:.0f}%, baseline {100 * base_rate:.1f}%)")
-        if len(self.latencies) >= GUARD_MIN_ROWS and reference.ok >= GUARD_MIN_ROWS:
-            limit = GUARD_FACTOR * percentile(sorted(reference.latencies), 99)
-            median = percentile(sorted(self.latencies), 50)
-            if median > limit:
-                return (f"guardrail: median latency {median:.0f} ms after {seconds:.0f} s is over "
-                        f"{GUARD_FACTOR:g} x the baseline p99 ({limit:.0f} ms)")
-        return None
+    def sequential_variant(self, variant: dict, baseline: Arm) -> dict:
+        name, schedule = variant["name"], self.schedule
+        guard = self.guard()
+        self.switch.to(variant)
+        self.measure(f"{name}_warmup", schedule.cooldown_seconds, Arm(), guard=guard, step="cooldown")
+        if guard.reason:
+            return self.aborted(name, guard.reason)
+        arm = Arm()
+        horizon = schedule.experiment_seconds
+        look = (Look(baseline, arm, self.thresholds, horizon, schedule.look_every(horizon), self.clock)
+                if schedule.early_stop else None)
+        self.measure(name, horizon, arm, guard=guard, look=look)
+        if guard.reason:
+            return self.aborted(name, guard.reason)
+        if look is not None and look.result is not None:
+            return self.decided(name, look.result, stopped_early=look.fraction)
+        return self.decided(name, verdict(baseline, arm, self.thresholds, fraction=1.0 if look else None))
+
+    def run_switchback(self) -> None:
+        seed = int(self.record.run_id[:15].replace("T", "")) % (2 ** 32)
+        rng = random.Random(seed)
+        self.log(f"switchback: {self.schedule.blocks} block pairs per variant, order seed {seed}")
+        self.measure_reference()
+        baseline = Arm()
+        for variant in self.experiment.candidates:
+            self.stop.check()
+            if self.record_outcome(variant, self.attempt(variant, lambda: self.switchback_variant(variant, baseline,
+                                                                                                   rng))):
+                return
+
+    def measure_reference(self) -> None:
+        """The opening warm-up on the baseline, long enough to give the guard GUARD_MIN_ROWS good rows."""
+        seconds, spent = self.schedule.warmup_seconds, 0.0
+        limit = max(seconds, self.schedule.baseline_seconds)
+        while True:
+            self.measure("baseline_warmup", seconds, self.reference, block=0, step="warm-up")
+            spent += seconds
+            if self.reference.ok >= GUARD_MIN_ROWS or spent >= limit:
+                return
+            seconds = min(1.0, limit - spent) if seconds > 0 else 1.0
+
+    def switchback_variant(self, variant: dict, baseline: Arm, rng: random.Random) -> dict:
+        name, schedule = variant["name"], self.schedule
+        pairs, warmup = schedule.blocks, schedule.warmup_seconds
+        orders = balanced_orders(rng, pairs)
+        self.log(f"{name}: block order " + " ".join("VB" if first else "BV" for first in orders))
+        arm, strip = Arm(), []
+        for index, variant_first in enumerate(orders):
+            self.block += 1
+            block = self.block
+            for is_variant in (variant_first, not variant_first):
+                if is_variant:
+                    guard = self.guard()
+                    self.switch.to(variant)
+                    self.measure(f"{name}_warmup", warmup, Arm(), block, guard, step="warm-up")
+                    if not guard.reason:
+                        self.measure(name, schedule.experiment_seconds / pairs, arm, block, guard)
+                    if guard.reason:
+                        return self.aborted(name, guard.reason, strip)
+                else:
+                    self.switch.back()
+                    self.measure("baseline_warmup", warmup, self.reference, block, step="warm-up")
+                    self.measure("baseline", schedule.baseline_seconds / pairs, baseline, block,
+                                 reference=self.reference)
+                source = arm if is_variant else baseline
+                strip.append({"index": block, "arm": "variant" if is_variant else "baseline",
+                              "p50_ms": _round(percentile(sorted(source.only([block]).latencies), 50))})
+            if schedule.early_stop and FIRST_LOOK_PAIR <= index + 1 < pairs:
+                result = decisive(baseline, arm, self.thresholds, (index + 1) / pairs)
+                if result is not None:
+                    return self.decided(name, result, stopped_early=(index + 1) / pairs, strip=strip)
+        result = verdict(baseline, arm, self.thresholds, fraction=1.0 if schedule.early_stop else None)
+        return self.decided(name, result, strip=strip)
+
+    def run_apply(self, variant: dict) -> None:
+        """Apply a variant by name and keep it only when a short check against the baseline finds no harm."""
+        self.record.save(design="apply")
+        self.switch.to(self.experiment.baseline)
+        baseline = Arm()
+        self.measure("baseline", self.verify_seconds, baseline)
+        self.reference = baseline
+        self.record_outcome(variant, self.attempt(variant, lambda: self.verify_variant(variant, baseline)))
+
+    def verify_variant(self, variant: dict, baseline: Arm) -> dict:
+        name = variant["name"]
+        guard = self.guard()
+        self.switch.to(variant)
+        self.measure(f"{name}_warmup", self.schedule.warmup_seconds, Arm(), guard=guard, step="warm-up")
+        arm = Arm()
+        if not guard.reason:
+            self.measure(name, self.verify_seconds, arm, guard=guard)
+        if guard.reason:
+            return self.aborted(name, guard.reason)
+        result = verdict(baseline, arm, self.thresholds)
+        harm = harm_found(result, baseline, arm, self.thresholds)
+        metrics = variant_metrics(result)
+        reason = (f"revert: applied on request, but {harm}" if harm else
+                  f"keep: applied on request; no harm against the baseline "
+                  f"(p50 {metrics['base_p50_ms']} -> {metrics['var_p50_ms']} ms, "
+                  f"errors {metrics['err_delta_pct']:+.2f} points)")
+        return self.decided(name, result, decision="revert" if harm else "keep", reason=reason)
+
+    # -- outcomes --
+    def attempt(self, variant: dict, body) -> dict:
+        """Run one variant's measurement; a failed apply or measurement reverts it with the reason."""
+        name = variant["name"]
+        try:
+            return body()
+        except Interrupted as exc:
+            self.record.add_variant(variant_record(name, "revert", f"revert: {exc} while it was under test"))
+            raise
+        except (ApplyFailed, MeasureFailed) as exc:
+            self.log(f"{name}: {exc}; reverting")
+            return variant_record(name, "revert", f"revert: {exc}")
+
+    def record_outcome(self, variant: dict, record: dict) -> bool:
+        """Store a variant's outcome; keep it applied when kept (True), else make sure it is reverted."""
+        self.record.add_variant(record)
+        if record["decision"] == "keep":
+            self.switch.to(variant)
+            self.switch.keep(variant["name"])
+            return True
+        self.switch.back()
+        self.record.save()
+        return False
+
+    def aborted(self, name: str, reason: str, strip=()) -> dict:
+        self.log(f"{name}: {reason}; reverting at once", "warning")
+        self.switch.back()
+        return variant_record(name, "revert", f"revert: {reason}", stopped_early=reason, blocks=strip)
+
+    def decided(self, name: str, result: Verdict, stopped_early=None, strip=(), decision=None, reason=None) -> dict:
+        """A measured variant's record: the verdict (written to NAME_decision.log), or the one given, or
+        the experiment's own decider's."""
+        with open(self.record.path(f"{name}_decision.log"), "w", encoding="utf-8") as handle:
+            handle.write(format_verdict(result) + "\n\n" + json.dumps(result.to_json(), indent=2) + "\n")
+        why = None
+        if stopped_early is not None and stopped_early < 1:
+            why = (f"{'kept' if result.decision == 'keep' else 'reverted'} at {stopped_early:.0%} of the horizon: "
+                   + ("every rule held at the sequential boundary" if result.decision == "keep"
+                      else "the improvement's interval lies below the bar"))
+            self.log(f"{name}: sequential stop, {why}")
+        self.log(f"{name}: {result.reason}")
+        given = decision is not None
+        decision, reason, decider = decision or result.decision, reason or result.reason, None
+        if given:
+            self.log(f"{name}: {reason}")
+        elif self.experiment.decider:
+            decision, reason = self.custom_decision(name, result)
+            decider = {"command": self.experiment.decider, "decision": decision,
+                       "builtin_decision": result.decision, "builtin_reason": result.reason}
+        return variant_record(name, decision, reason, result, stopped_early=why, blocks=strip, decider=decider)
+
+    def custom_decision(self, name: str, builtin: Verdict):
+        """The experiment's own decider, given the two CSVs: keep or revert; anything else reverts."""
+        command = (f"{self.experiment.decider} {shlex.quote(self.record.path('baseline.csv'))} "
+                   f"{shlex.quote(self.record.path(name + '.csv'))}")
+        result = self.record.command(f"decide {name}", command, self.experiment.path, stdout_only=True)
+        lines = result.output.strip().splitlines()
+        word = lines[-1].strip() if lines else ""
+        if not result.ok:
+            decision, why = "revert", f"the custom decider {result.describe()}"
+        elif word not in ("keep", "revert"):
+            decision, why = "revert", f"the custom decider printed {word[:40]!r}, not keep or revert"
+        else:
+            decision, why = word, f"the custom decider said {word}"
+        reason = f"{decision}: {why} (built-in verdict: {builtin.reason})"
+        self.log(f"{name}: {reason}")
+        return decision, reason
 
 
-GUARD_CONFIDENCE = 0.999
-GUARD_FACTOR = 3.0
-GUARD_MIN_ROWS = 5
+FIRST_LOOK_PAIR = 3     # the switchback design's sequential stop looks after each pair from this one on
 
 
-class Look:
-    """The sequential stop: a verdict every LOOK_SECONDS that may end a measurement early.
-
-    keep when every rule holds with rule 3 at sequential_alpha (valid however often one looks);
-    revert for futility when even the upper end of the improvement's interval is below the bar.
-    """
-
-    def __init__(self, base: Arm, var: Arm, thresholds: Thresholds, horizon: float, every: float):
-        self.base, self.var, self.thresholds = base, var, thresholds
-        self.horizon, self.every = horizon, every
-        self.started = time.monotonic()
-        self.next_at = self.started + every
-        self.result = None
-        self.fraction = None
-
-    def due(self) -> bool:
-        """Called from the measurement loop; True once a look has decided."""
-        now = time.monotonic()
-        if self.result is None and now >= self.next_at:
-            self.next_at = now + self.every
-            self.decide(min(1.0, (now - self.started) / self.horizon))
-        return self.result is not None
-
-    def decide(self, fraction: float):
-        """One look at `fraction` of the horizon; sets result when the verdict is already certain."""
-        result = verdict(self.base, self.var, self.thresholds, fraction=fraction)
-        if result.decision == "keep" or _futile(result, self.thresholds):
-            self.result, self.fraction = result, fraction
-        return self.result
+def balanced_orders(rng: random.Random, pairs: int) -> list:
+    """Which pairs run the variant first: half of them, chosen at random, so drift cancels out."""
+    first = set(rng.sample(range(pairs), pairs // 2 + (rng.random() < 0.5 if pairs % 2 else 0)))
+    return [index in first for index in range(pairs)]
 
 
 def harm_found(result: Verdict, base: Arm, var: Arm, thresholds: Thresholds):
@@ -2173,269 +2585,21 @@ def harm_found(result: Verdict, base: Arm, var: Arm, thresholds: Thresholds):
     return None
 
 
-def _futile(result: Verdict, thresholds: Thresholds) -> bool:
-    """The improvement's interval lies wholly below the bar: no more data will make a keep."""
-    return (not result.failed_rules[:1] == ["samples"] and result.improve_ci is not None
-            and result.improve_ci[1] < thresholds.improve_pct)
+###### Switching: apply and revert, the journal before every apply ######
 
+class Switcher:
+    """Switches one experiment between its baseline and its variants inside a run.
 
-def balanced_orders(rng: random.Random, pairs: int) -> list:
-    """Which pairs run the variant first: half of them, chosen at random, so drift cancels out."""
-    first = set(rng.sample(range(pairs), pairs // 2 + (rng.random() < 0.5 if pairs % 2 else 0)))
-    return [index in first for index in range(pairs)]
-
-
-###### Trial: one experiment's variants, by design ######
-
-class Trial:
-    """One experiment's variants inside a run: switch, warm up, measure, decide, revert unless kept.
-
-    Two designs.  sequential (the original flow): the baseline first, then each variant after
-    a cool-down.  switchback: per variant, BLOCKS pairs of a baseline block and a variant block
-    in random order, each after a measured warm-up, judged within blocks so drift cancels out.
-    In both, a Guard aborts a harmful variant at once and, with EARLY_STOP, a Look may end a
-    variant's measurement as soon as its verdict is certain.
+    The journal (var/applied.json) is written before every apply and cleared after the revert, so
+    that a run that dies in between leaves its successor what to revert.
     """
 
-    def __init__(self, runner: Runner, experiment: Experiment, run_id: str, run_dir: str):
-        self.runner, self.experiment, self.run_id, self.run_dir = runner, experiment, run_id, run_dir
-        self.settings = runner.settings
-        self.thresholds = Thresholds(self.settings)
-        self.design = experiment.design or self.settings["DESIGN"]
-        # A custom decider has the last word, so no built-in look may end a measurement early.
-        self.early_stop = self.settings["EARLY_STOP"] == "yes" and experiment.decider is None
+    def __init__(self, record: RunRecord, experiment: Experiment, stop: StopFlag):
+        self.record, self.experiment, self.stop = record, experiment, stop
         self.applied = None          # the variant applied now and not kept
         self.revert_failed = False
-        self.block = 0               # switchback blocks are numbered across the run; 0 is the opening warm-up
-        self.reference = Arm()       # baseline rows the guard compares against
-        self.files = {}
 
-    def seconds(self, key: str) -> float:
-        value = self.experiment.seconds.get(key.lower())
-        return float(value if value is not None else self.settings[key])
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.runner.log(message, level)
-
-    # -- the two designs --
-    def run(self) -> None:
-        self.runner.save_state(design=self.design)
-        self.switch_to(self.experiment.baseline)
-        if self.design == "switchback":
-            self.run_switchback()
-        else:
-            self.run_sequential()
-
-    def run_sequential(self) -> None:
-        baseline = Arm()
-        self.measure("baseline", self.seconds("BASELINE_SECONDS"), baseline)
-        self.reference = baseline
-        for variant in self.experiment.candidates:
-            self.runner.stop.check()
-            record = self.attempt(variant, lambda: self.sequential_variant(variant, baseline))
-            if self.record(variant, record):
-                return
-
-    def sequential_variant(self, variant: dict, baseline: Arm) -> dict:
-        name = variant["name"]
-        guard = Guard(baseline, self.thresholds)
-        self.switch_to(variant)
-        self.measure(f"{name}_warmup", self.seconds("COOLDOWN_SECONDS"), Arm(), guard=guard, step="cooldown")
-        if guard.reason:
-            return self.aborted(name, guard.reason)
-        arm = Arm()
-        horizon = self.seconds("EXPERIMENT_SECONDS")
-        look = Look(baseline, arm, self.thresholds, horizon, self.look_every(horizon)) if self.early_stop else None
-        self.measure(name, horizon, arm, guard=guard, look=look)
-        if guard.reason:
-            return self.aborted(name, guard.reason)
-        if look is not None and look.result is not None:
-            return self.decided(name, look.result, stopped_early=look.fraction)
-        return self.decided(name, verdict(baseline, arm, self.thresholds, fraction=1.0 if look else None))
-
-    def run_switchback(self) -> None:
-        blocks = int(self.experiment.blocks or self.settings["BLOCKS"])
-        seed = int(self.run_id[:15].replace("T", "")) % (2 ** 32)
-        rng = random.Random(seed)
-        self.log(f"switchback: {blocks} block pairs per variant, order seed {seed}")
-        self.measure_reference()
-        baseline = Arm()
-        for variant in self.experiment.candidates:
-            self.runner.stop.check()
-            record = self.attempt(variant, lambda: self.switchback_variant(variant, baseline, rng, blocks))
-            if self.record(variant, record):
-                return
-
-    def measure_reference(self) -> None:
-        """The opening warm-up on the baseline, long enough to give the guard GUARD_MIN_ROWS good rows."""
-        seconds, spent = self.seconds("WARMUP_SECONDS"), 0.0
-        limit = max(seconds, self.seconds("BASELINE_SECONDS"))
-        while True:
-            self.measure("baseline_warmup", seconds, self.reference, block=0, step="warm-up")
-            spent += seconds
-            if self.reference.ok >= GUARD_MIN_ROWS or spent >= limit:
-                return
-            seconds = min(1.0, limit - spent) if seconds > 0 else 1.0
-
-    def switchback_variant(self, variant: dict, baseline: Arm, rng: random.Random, pairs: int) -> dict:
-        name = variant["name"]
-        orders = balanced_orders(rng, pairs)
-        self.log(f"{name}: block order " + " ".join("VB" if first else "BV" for first in orders))
-        arm, strip = Arm(), []
-        block_seconds = self.seconds("EXPERIMENT_SECONDS") / pairs
-        base_seconds = self.seconds("BASELINE_SECONDS") / pairs
-        for index, variant_first in enumerate(orders):
-            block = self.next_block()
-            for is_variant in (variant_first, not variant_first):
-                if is_variant:
-                    guard = Guard(self.reference, self.thresholds)
-                    self.switch_to(variant)
-                    self.measure(f"{name}_warmup", self.seconds("WARMUP_SECONDS"), Arm(), block, guard, step="warm-up")
-                    if not guard.reason:
-                        self.measure(name, block_seconds, arm, block, guard)
-                    if guard.reason:
-                        return self.aborted(name, guard.reason, strip)
-                else:
-                    self.switch_back()
-                    self.measure("baseline_warmup", self.seconds("WARMUP_SECONDS"), self.reference, block,
-                                 step="warm-up")
-                    self.measure("baseline", base_seconds, baseline, block, reference=self.reference)
-                source = arm if is_variant else baseline
-                strip.append({"index": block, "arm": "variant" if is_variant else "baseline",
-                              "p50_ms": _round(percentile(sorted(source.only([block]).latencies), 50))})
-            if self.early_stop and index + 1 >= 3 and index + 1 < pairs:
-                result = Look(baseline, arm, self.thresholds, 1, 1).decide((index + 1) / pairs)
-                if result is not None:
-                    return self.decided(name, result, stopped_early=(index + 1) / pairs, strip=strip)
-        result = verdict(baseline, arm, self.thresholds, fraction=1.0 if self.early_stop else None)
-        return self.decided(name, result, strip=strip)
-
-    def run_apply(self, variant: dict) -> None:
-        """Apply a variant by name and keep it only when a short check against the baseline finds no harm."""
-        self.runner.save_state(design="apply")
-        self.switch_to(self.experiment.baseline)
-        seconds = self.settings["VERIFY_SECONDS"]
-        baseline = Arm()
-        self.measure("baseline", seconds, baseline)
-        self.reference = baseline
-        self.record(variant, self.attempt(variant, lambda: self.verify_variant(variant, baseline, seconds)))
-
-    def verify_variant(self, variant: dict, baseline: Arm, seconds: float) -> dict:
-        name = variant["name"]
-        guard = Guard(baseline, self.thresholds)
-        self.switch_to(variant)
-        self.measure(f"{name}_warmup", self.seconds("WARMUP_SECONDS"), Arm(), guard=guard, step="warm-up")
-        arm = Arm()
-        if not guard.reason:
-            self.measure(name, seconds, arm, guard=guard)
-        if guard.reason:
-            return self.aborted(name, guard.reason)
-        result = verdict(baseline, arm, self.thresholds)
-        record = self.decided(name, result)
-        harm = harm_found(result, baseline, arm, self.thresholds)
-        record["decision"] = "revert" if harm else "keep"
-        record["reason"] = (f"revert: applied on request, but {harm}" if harm else
-                            f"keep: applied on request; no harm against the baseline "
-                            f"(p50 {record['metrics']['base_p50_ms']} -> {record['metrics']['var_p50_ms']} ms, "
-                            f"errors {record['metrics']['err_delta_pct']:+.2f} points)")
-        self.log(f"{name}: {record['reason']}")
-        return record
-
-    def next_block(self) -> int:
-        self.block += 1
-        return self.block
-
-    def look_every(self, horizon: float) -> float:
-        return max(0.5, min(self.settings["LOOK_SECONDS"], horizon / 10))
-
-    # -- outcomes --
-    def attempt(self, variant: dict, body) -> dict:
-        """Run one variant's measurement; a failed apply or measurement reverts it with the reason."""
-        name = variant["name"]
-        try:
-            return body()
-        except Interrupted as exc:
-            self.runner.state["variants"].append({
-                "name": name, "decision": "revert", "reason": f"revert: {exc} while it was under test",
-                "borderline": False, "metrics": None})
-            raise
-        except (ApplyFailed, MeasureFailed) as exc:
-            self.log(f"{name}: {exc}; reverting")
-            return {"name": name, "decision": "revert", "reason": f"revert: {exc}", "borderline": False,
-                    "metrics": None}
-
-    def record(self, variant: dict, record: dict) -> bool:
-        """Store a variant's outcome; keep it applied when kept (True), else make sure it is reverted."""
-        self.runner.state["variants"].append(record)
-        if record.get("stopped_early"):
-            self.runner.state["stopped_early"] = f"{record['name']}: {record['stopped_early']}"
-        if record["decision"] == "keep":
-            self.switch_to(variant)
-            self.keep(variant["name"])
-            return True
-        self.switch_back()
-        self.runner.save_state()
-        return False
-
-    def aborted(self, name: str, reason: str, strip=None) -> dict:
-        self.log(f"{name}: {reason}; reverting at once", "warning")
-        self.switch_back()
-        return {"name": name, "decision": "revert", "reason": f"revert: {reason}", "borderline": False,
-                "metrics": None, "stopped_early": reason, "blocks": strip or []}
-
-    def decided(self, name: str, result: Verdict, stopped_early=None, strip=None) -> dict:
-        summary = format_verdict(result)
-        with open(os.path.join(self.run_dir, f"{name}_decision.log"), "w", encoding="utf-8") as handle:
-            handle.write(summary + "\n\n" + json.dumps(result.to_json(), indent=2) + "\n")
-        why = None
-        if stopped_early is not None and stopped_early < 1:
-            why = (f"{'kept' if result.decision == 'keep' else 'reverted'} at {stopped_early:.0%} of the horizon: "
-                   + ("every rule held at the sequential boundary" if result.decision == "keep"
-                      else "the improvement's interval lies below the bar"))
-            self.log(f"{name}: sequential stop, {why}")
-        self.log(f"{name}: {result.reason}")
-        decision, reason, decider = result.decision, result.reason, None
-        if self.experiment.decider:
-            decision, reason = self.custom_decision(name, result)
-            decider = {"command": self.experiment.decider, "decision": decision,
-                       "builtin_decision": result.decision, "builtin_reason": result.reason}
-        record = {"name": name, "decision": decision, "reason": reason,
-                  "borderline": result.borderline, "metrics": variant_metrics(result),
-                  "verdict": result.to_json(), "stopped_early": why, "blocks": strip or [], "decider": decider}
-        self.runner.state["metrics"] = {key: record["metrics"][key] for key in
-                                        ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")}
-        return record
-
-    def custom_decision(self, name: str, builtin: Verdict):
-        """The experiment's own decider, given the two CSVs: keep or revert; anything else reverts."""
-        command = (f"{self.experiment.decider} {shlex.quote(os.path.join(self.run_dir, 'baseline.csv'))} "
-                   f"{shlex.quote(os.path.join(self.run_dir, name + '.csv'))}")
-        result = self.runner.command(f"decide {name}", command, self.experiment.path, stdout_only=True)
-        lines = result.output.strip().splitlines()
-        word = lines[-1].strip() if lines else ""
-        if not result.ok:
-            decision, why = "revert", f"the custom decider {result.describe()}"
-        elif word not in ("keep", "revert"):
-            decision, why = "revert", f"the custom decider printed {word[:40]!r}, not keep or revert"
-        else:
-            decision, why = word, f"the custom decider said {word}"
-        reason = f"{decision}: {why} (built-in verdict: {builtin.reason})"
-        self.log(f"{name}: {reason}")
-        return decision, reason
-
-    def keep(self, name: str) -> None:
-        kept = read_json(self.runner.home.kept, {}) or {}
-        kept[self.experiment.id] = {"variant": name, "run_id": self.run_id, "kept_at": utc_now(),
-                                    "revert": self.experiment.revert, "path": self.experiment.path}
-        write_json(self.runner.home.kept, kept)
-        self.runner.state["kept_variant"] = name
-        self.runner.save_state(phase=f"kept {name}")
-        self.runner.clear_journal()
-        self.applied = None
-        self.log(f"kept {name}: it stays applied")
-
-    # -- switching --
-    def switch_to(self, variant: dict) -> None:
+    def to(self, variant: dict) -> None:
         """Apply a variant (journal first); the baseline's apply, if any, is not journaled once done."""
         name = variant["name"]
         if name == self.applied:
@@ -2443,33 +2607,45 @@ class Trial:
         is_baseline = variant is self.experiment.baseline
         command = self.experiment.apply_command(variant)
         if command is None:
-            self.log(f"{name}: nothing to apply")
+            self.record.log(f"{name}: nothing to apply")
             return
-        self.log(f"about to apply {name}: {command}")
-        self.runner.write_journal(self.experiment, name, self.run_id)
+        self.record.log(f"about to apply {name}: {command}")
+        self.record.write_journal(self.experiment, name)
         self.applied = name
-        self.runner.save_state(phase=f"applying {name}", current={"variant": name, "step": "applying"})
-        result = self.runner.command(f"apply {name}", command, self.experiment.path)
-        self.runner.stop.check()
+        self.record.phase(f"applying {name}", {"variant": name, "step": "applying"})
+        result = self.record.command(f"apply {name}", command, self.experiment.path)
+        self.stop.check()
         if not result.ok:
             raise (WorkFailed if is_baseline else ApplyFailed)(f"apply of {name} {result.describe()}")
         if is_baseline:
-            self.runner.clear_journal()
+            self.record.clear_journal()
             self.applied = None
 
-    def switch_back(self) -> None:
+    def back(self) -> None:
         """Run the experiment's revert for the applied variant; RevertFailed leaves the journal in place."""
         if self.applied is None:
             return
         name = self.applied
-        self.runner.save_state(phase=f"reverting {name}", current={"variant": name, "step": "reverting"})
-        result = self.runner.command(f"revert {name}", self.experiment.revert, self.experiment.path)
+        self.record.phase(f"reverting {name}", {"variant": name, "step": "reverting"})
+        result = self.record.command(f"revert {name}", self.experiment.revert, self.experiment.path)
         if not result.ok:
             self.revert_failed = True
             raise RevertFailed(f"revert of {name} {result.describe()}; the journal var/applied.json stays "
                                "and the next run retries the revert first")
-        self.runner.clear_journal()
+        self.record.clear_journal()
         self.applied = None
+
+    def keep(self, name: str) -> None:
+        """Leave the applied variant in place for good: kept.json says so, the journal goes."""
+        home = self.record.home
+        kept = read_kept(home)
+        kept[self.experiment.id] = {"variant": name, "run_id": self.record.run_id, "kept_at": utc_now(),
+                                    "revert": self.experiment.revert, "path": self.experiment.path}
+        write_json(home.kept, kept)
+        self.record.save(kept_variant=name, phase=f"kept {name}")
+        self.record.clear_journal()
+        self.applied = None
+        self.record.log(f"kept {name}: it stays applied")
 
     def abandon(self, reason: str) -> str:
         """After a fault or a signal: revert whatever is applied; returns the full reason."""
@@ -2477,14 +2653,27 @@ class Trial:
         if name is None or self.revert_failed:
             return reason
         try:
-            self.switch_back()
+            self.back()
             return f"{reason}; {name} reverted"
         except RevertFailed as exc:
             return f"{reason}; {exc}"
         except OSError as exc:
             return f"{reason}; the revert could not be recorded ({exc})"
 
-    # -- measuring --
+
+###### Measuring: the prober or measure.sh, watched by the guard and the looks ######
+
+class Measurer:
+    """Measures the target for a trial into RUN_DIR/NAME.csv and an Arm: the built-in prober or measure.sh.
+
+    measure() keeps the books (state.json, the log, who gets each row, when to stop); collect()
+    gets the rows, and is what bench/design_quality.py replaces with a simulated target.
+    """
+
+    def __init__(self, record: RunRecord, experiment: Experiment, schedule: Schedule, stop: StopFlag,
+                 wall=time.time):
+        self.record, self.experiment, self.schedule, self.stop, self.wall = record, experiment, schedule, stop, wall
+
     def measure(self, name: str, seconds: float, arm: Arm, block=None, guard=None, look=None,
                 step="measuring", reference=None) -> None:
         """Measure the target for `seconds`, appending rows to RUN_DIR/NAME.csv and to arm.
@@ -2495,15 +2684,12 @@ class Trial:
         """
         if seconds <= 0:
             return
-        experiment = self.experiment
-        path = os.path.join(self.run_dir, f"{name}.csv")
-        ends = time.time() + seconds
+        path = self.record.path(f"{name}.csv")
         variant = name.rsplit("_warmup", 1)[0]
-        self.runner.save_state(phase=f"{step} {variant}",
-                               current={"variant": variant, "step": step, "ends_at": _iso_seconds(ends),
-                                        "block": block})
-        self.log(f"{step} {variant} for {seconds:g} s -> {os.path.basename(path)}"
-                 + ("" if block is None else f" (block {block})"))
+        self.record.phase(f"{step} {variant}", {"variant": variant, "step": step,
+                                                "ends_at": _iso_seconds(self.wall() + seconds), "block": block})
+        self.record.log(f"{step} {variant} for {seconds:g} s -> {os.path.basename(path)}"
+                        + ("" if block is None else f" (block {block})"))
 
         def on_row(latency, code, at):
             arm.add(latency, code, block, at)
@@ -2513,46 +2699,49 @@ class Trial:
                 guard.add(latency, code)
 
         def should_stop():
-            return bool(self.runner.stop) or (guard is not None and guard.tripped()) or (
-                look is not None and look.due())
+            return bool(self.stop) or (guard is not None and guard.tripped()) or (look is not None and look.due())
 
-        if experiment.measure_sh:
-            self.measure_script(path, seconds, block, on_row)
-        else:
-            spec = experiment.measure
-            shape = {"concurrency": spec.get("concurrency"), "rate": spec.get("rate"),
-                     "timeout": spec.get("timeout"), "max_in_flight": spec.get("max_in_flight")}
-            if not shape["concurrency"] and not shape["rate"]:
-                shape["interval"] = experiment.interval or 1.0
-            target = Target(experiment.target_url, spec.get("method", "GET"), spec.get("headers", []),
-                            bool(spec.get("insecure")))
-            with self.csv_file(path) as handle:
-                result = Prober(target, seconds, handle, on_row=on_row, should_stop=should_stop, block=block,
-                                **{k: v for k, v in shape.items() if v is not None}).run()
-            self.log(f"measured {variant}: {result.rows} requests, {result.errors} errors"
-                     + (", stopped early" if result.stopped_early else ""))
-        self.runner.stop.check()
+        self.collect(path, seconds, block, on_row, should_stop, variant)
+        self.stop.check()
         if guard is not None:
             guard.tripped()
+
+    def collect(self, path: str, seconds: float, block, on_row, should_stop, variant: str) -> None:
+        """The rows of one measurement, from measure.sh or the built-in prober."""
+        if self.experiment.measure_sh:
+            self.script(path, seconds, block, on_row)
+            return
+        experiment, spec = self.experiment, self.experiment.measure
+        shape = {"concurrency": spec.get("concurrency"), "rate": spec.get("rate"),
+                 "timeout": spec.get("timeout"), "max_in_flight": spec.get("max_in_flight")}
+        if not shape["concurrency"] and not shape["rate"]:
+            shape["interval"] = experiment.interval or 1.0
+        target = Target(experiment.target_url, spec.get("method", "GET"), spec.get("headers", []),
+                        bool(spec.get("insecure")))
+        with self.csv_file(path) as handle:
+            result = Prober(target, seconds, handle, on_row=on_row, should_stop=should_stop, block=block,
+                            **{k: v for k, v in shape.items() if v is not None}).run()
+        self.record.log(f"measured {variant}: {result.rows} requests, {result.errors} errors"
+                        + (", stopped early" if result.stopped_early else ""))
 
     def csv_file(self, path: str):
         """A measurement CSV opened for appending (blocks add to it); the header written once."""
         handle = open(path, "a", encoding="utf-8", newline="")
         if handle.tell() == 0:
-            handle.write("timestamp,latency_ms,response_code" + (",block" if self.design == "switchback" else "")
-                         + "\n")
+            handle.write("timestamp,latency_ms,response_code"
+                         + (",block" if self.schedule.design == "switchback" else "") + "\n")
         return handle
 
-    def measure_script(self, path: str, seconds: float, block, on_row) -> None:
+    def script(self, path: str, seconds: float, block, on_row) -> None:
         """Run measure.sh into a scratch CSV, check it, and append its rows (with the block)."""
         experiment = self.experiment
         scratch = path + ".part"
         env = dict(os.environ, TARGET_URL=experiment.target_url or "", DURATION=f"{seconds:g}",
                    INTERVAL=f"{experiment.interval or 1.0:g}", OUT=scratch)
-        result = run_command("./measure.sh", experiment.path, seconds + self.settings["COMMAND_TIMEOUT_SECONDS"],
-                             env, should_stop=lambda: bool(self.runner.stop))
-        self.runner.log_command("measure.sh", result)
-        self.runner.stop.check()
+        result = self.record.command("measure.sh", "./measure.sh", experiment.path,
+                                     timeout=seconds + self.record.command.timeout, env=env,
+                                     should_stop=lambda: bool(self.stop))
+        self.stop.check()
         if not result.ok:
             raise MeasureFailed(f"measure.sh {result.describe()}")
         try:
@@ -2581,27 +2770,103 @@ def _csv_rows(path: str):
             yield line.split(",")[0].strip(), latency, code
 
 
-def variant_metrics(result: Verdict) -> dict:
-    """The figures of a verdict that state.json, history and the dashboard show per variant."""
-    metrics = {}
-    for prefix, figures in (("base", result.baseline), ("var", result.variant)):
-        for key in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "err_pct"):
-            metrics[f"{prefix}_{key}"] = figures[key]
-    metrics.update(improve_pct=result.improve_pct, improve_ci=result.improve_ci, p_value=result.p_value,
-                   err_delta_pct=result.err_delta_pct, p99_regress_pct=result.p99_regress_pct)
-    return metrics
+GUARD_CONFIDENCE = 0.999
+GUARD_FACTOR = 3.0
+GUARD_MIN_ROWS = 5
+GUARD_EVERY = 0.5        # seconds between two of the guard's checks
 
 
-class ApplyFailed(SmartError):
-    """An apply command failed or overran its time box (the variant is reverted)."""
+class Guard:
+    """Aborts a variant that is clearly harmful while it is applied; it never keeps anything.
+
+    Fed every row from the moment of the apply (warm-up included).  Clearly harmful means: the
+    error rate is above the reference's plus MAX_ERR_DELTA_PCT even at the lower end of a
+    GUARD_CONFIDENCE interval, or the median latency is GUARD_FACTOR times the reference's p99.
+    """
+
+    def __init__(self, reference: Arm, thresholds: Thresholds, clock=time.monotonic):
+        self.reference, self.thresholds, self.clock = reference, thresholds, clock
+        self.started = clock()
+        self.latencies = []          # kept sorted: a check reads the median
+        self.total = self.errors = 0
+        self.checked = None
+        self.reason = None
+        self.limit_for = (None, None)     # (reference size, GUARD_FACTOR x its p99): sorted once per size
+
+    def add(self, latency_ms: float, code: int) -> None:
+        self.total += 1
+        if is_failure(code):
+            self.errors += 1
+        else:
+            bisect.insort(self.latencies, latency_ms)
+
+    def tripped(self) -> bool:
+        """Check at most every GUARD_EVERY seconds; once tripped, stays tripped."""
+        now = self.clock()
+        if self.reason is None and (self.checked is None or now - self.checked >= GUARD_EVERY):
+            self.checked = now
+            self.reason = self.check(now - self.started)
+        return self.reason is not None
+
+    def check(self, seconds: float):
+        if self.total < GUARD_MIN_ROWS:
+            return None
+        reference = self.reference
+        base_rate = reference.errors / reference.total if reference.total else 0.0
+        bound = wilson_lower(self.errors, self.total, GUARD_CONFIDENCE)
+        if bound > base_rate + self.thresholds.max_err_delta_pct / 100:
+            return (f"guardrail: {self.errors} of {self.total} requests failed in {seconds:.0f} s "
+                    f"({100 * self.errors / self.total:.0f}%, baseline {100 * base_rate:.1f}%)")
+        if len(self.latencies) >= GUARD_MIN_ROWS and reference.ok >= GUARD_MIN_ROWS:
+            limit = self.latency_limit()
+            median = percentile(self.latencies, 50)
+            if median > limit:
+                return (f"guardrail: median latency {median:.0f} ms after {seconds:.0f} s is over "
+                        f"{GUARD_FACTOR:g} x the baseline p99 ({limit:.0f} ms)")
+        return None
+
+    def latency_limit(self) -> float:
+        size, limit = self.limit_for
+        if size != self.reference.ok:
+            limit = GUARD_FACTOR * percentile(sorted(self.reference.latencies), 99)
+            self.limit_for = (self.reference.ok, limit)
+        return limit
 
 
-class MeasureFailed(SmartError):
-    """A measurement failed (the variant is reverted)."""
+class Look:
+    """The sequential stop: a verdict every `every` seconds that may end a measurement early."""
+
+    def __init__(self, base: Arm, var: Arm, thresholds: Thresholds, horizon: float, every: float,
+                 clock=time.monotonic):
+        self.base, self.var, self.thresholds = base, var, thresholds
+        self.horizon, self.every, self.clock = horizon, every, clock
+        self.started = clock()
+        self.next_at = self.started + every
+        self.result = None
+        self.fraction = None
+
+    def due(self) -> bool:
+        """Called from the measurement loop; True once a look has decided."""
+        now = self.clock()
+        if self.result is None and now >= self.next_at:
+            self.next_at = now + self.every
+            fraction = min(1.0, (now - self.started) / self.horizon)
+            self.result = decisive(self.base, self.var, self.thresholds, fraction)
+            if self.result is not None:
+                self.fraction = fraction
+        return self.result is not None
 
 
-def _iso_seconds(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def decisive(base: Arm, var: Arm, thresholds: Thresholds, fraction: float):
+    """The verdict at a look `fraction` of the way to the horizon when it is already certain, else None.
+
+    keep when every rule holds with rule 3 at sequential_alpha (valid however often one looks);
+    revert for futility when even the upper end of the improvement's interval is below the bar.
+    """
+    result = verdict(base, var, thresholds, fraction=fraction)
+    futile = (result.failed_rules[:1] != ["samples"] and result.improve_ci is not None
+              and result.improve_ci[1] < thresholds.improve_pct)
+    return result if result.decision == "keep" or futile else None
 
 
 ###### State and dashboard ######
@@ -2631,6 +2896,7 @@ def publish_dashboard(home: Home, history_runs: int = 200, running=None) -> None
 ###### Status: context.md, `status` and Prometheus metrics ######
 
 STALE_MINUTES = 35        # the timer fires every 30 minutes; older than this, something is wrong
+SERVICE_UNIT = "smart-experiment.service"
 TIMER_UNIT = "smart-experiment.timer"
 
 
@@ -2672,7 +2938,7 @@ def collect_status(home: Home, runs: int = 10, running=None, history=None) -> di
     state = read_json(home.state)
     state = state if isinstance(state, dict) else None
     history = list(_history(home)) if history is None else history
-    kept = read_json(home.kept, {}) or {}
+    kept = read_kept(home)
     journal = read_json(home.journal)
     running = _lock_held(home) if running is None else running
     applied = {experiment: {"variant": entry.get("variant"), "since": entry.get("kept_at"),
@@ -2757,7 +3023,7 @@ def _label(value) -> str:
 def prometheus_metrics(home: Home, history=None) -> str:
     """var/smart.prom for node_exporter's textfile collector (--collector.textfile.directory)."""
     history = list(_history(home)) if history is None else history
-    kept = read_json(home.kept, {}) or {}
+    kept = read_kept(home)
     out = []
 
     def metric(name, kind, help_text, samples):
@@ -2823,10 +3089,6 @@ COACH_ADVICE_LIMIT = 2000         # characters of advice kept
 COACH_ATTEMPTS = 3
 COACH_ATTEMPT_SECONDS = 10.0
 OLLAMA_PATHS = ("/api/generate", "/api/chat")
-
-
-class CoachError(WorkFailed):
-    """The coach could not be reached or gave no usable reply (a run goes on regardless)."""
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -3199,7 +3461,6 @@ def write_demo_experiment(home: str, url: str, seconds: float) -> str:
 
 HELPER = "/usr/local/sbin/smart-nginx"
 SUDOERS = "/etc/sudoers.d/smart-server"
-UNITS = ("/etc/systemd/system/smart-experiment.service", "/etc/systemd/system/smart-experiment.timer")
 
 
 def _probe(command: str, timeout: float = 10):
@@ -3229,13 +3490,13 @@ def doctor_checks(home: Home, settings: dict):
         check("experiments", False, str(exc), "fix the file named above")
     systemd = os.path.isdir("/run/systemd/system") and shutil.which("systemctl")
     if systemd:
-        enabled = _probe("systemctl is-enabled smart-experiment.timer").output.strip()
-        active = _probe("systemctl is-active smart-experiment.timer").output.strip()
-        check("timer", enabled == "enabled" and active == "active", f"smart-experiment.timer {enabled}, {active}",
-              "sudo systemctl enable --now smart-experiment.timer")
-        result = _probe("systemctl show -p Result --value smart-experiment.service").output.strip()
+        enabled = _probe(f"systemctl is-enabled {TIMER_UNIT}").output.strip()
+        active = _probe(f"systemctl is-active {TIMER_UNIT}").output.strip()
+        check("timer", enabled == "enabled" and active == "active", f"{TIMER_UNIT} {enabled}, {active}",
+              f"sudo systemctl enable --now {TIMER_UNIT}")
+        result = _probe(f"systemctl show -p Result --value {SERVICE_UNIT}").output.strip()
         check("last service run", result in ("success", ""), f"Result={result}",
-              "journalctl -u smart-experiment.service -n 50")
+              f"journalctl -u {SERVICE_UNIT} -n 50")
     else:
         check("timer", False, "no systemd here: nothing runs smart.py on a schedule",
               f"crontab -u smart -e, add: */30 * * * * python3 {os.path.abspath(__file__)} --home {home.root} run")
@@ -3265,7 +3526,7 @@ def doctor_checks(home: Home, settings: dict):
         age = min([a for a in (_age_minutes(state.get("updated_at")), _age_minutes(state.get("checked_at")))
                    if a is not None] or [0])
         check("state.json age", age <= 60 or status["running"], f"updated {age:.0f} minutes ago",
-              "systemctl status smart-experiment.timer; journalctl -u smart-experiment.service")
+              f"systemctl status {TIMER_UNIT}; journalctl -u {SERVICE_UNIT}")
         check("last run", state.get("status") in ("done", "running"),
               f"run {state.get('run_id')} {state.get('status')}" + (f": {state.get('reason')}" if state.get("reason") else ""),
               f"python3 {os.path.abspath(__file__)} status; read var/runs/{state.get('run_id')}/run.log")
@@ -3337,7 +3598,8 @@ def cmd_run(args, settings) -> int:
     if args.dry_run:
         print(format_plan(experiments, settings))
         return 0
-    return Runner(home, settings).run(experiments, rotation=not args.experiments)
+    runner = Runner(home, settings)
+    return runner.run(experiments) if args.experiments else runner.run_rotation(experiments)
 
 
 def format_plan(experiments, settings) -> str:
@@ -3345,23 +3607,16 @@ def format_plan(experiments, settings) -> str:
     lines = []
     total = 0.0
     for experiment in experiments:
-        def seconds(key):
-            value = experiment.seconds.get(key.lower())
-            return float(value if value is not None else settings[key])
-        base, each = seconds("BASELINE_SECONDS"), seconds("EXPERIMENT_SECONDS")
-        design = experiment.design or settings["DESIGN"]
-        if design == "switchback":
-            pairs = int(experiment.blocks or settings["BLOCKS"])
-            warm = seconds("WARMUP_SECONDS")
-            per_variant = base + each + 2 * pairs * warm
-            longest = warm + len(experiment.candidates) * per_variant
+        schedule = Schedule.of(experiment, settings)
+        base, each, warm = schedule.baseline_seconds, schedule.experiment_seconds, schedule.warmup_seconds
+        if schedule.design == "switchback":
+            pairs = schedule.blocks
             shape = (f"switchback: {pairs} pairs of a {base / pairs:g} s baseline block and a {each / pairs:g} s "
                      f"variant block, each after a {warm:g} s measured warm-up, in random order")
         else:
-            cool = seconds("COOLDOWN_SECONDS")
-            per_variant = cool + each
-            longest = base + len(experiment.candidates) * per_variant
-            shape = f"sequential: baseline {base:g} s first, then each variant after a {cool:g} s cool-down for {each:g} s"
+            shape = (f"sequential: baseline {base:g} s first, then each variant after a "
+                     f"{schedule.cooldown_seconds:g} s cool-down for {each:g} s")
+        longest = schedule.run_seconds(len(experiment.candidates))
         total += longest
         how = "measure.sh" if experiment.measure_sh else (
             f"built-in prober {experiment.target_url} "
@@ -3375,10 +3630,9 @@ def format_plan(experiments, settings) -> str:
                   f"  baseline {experiment.baseline['name']}: apply {experiment.apply_command(experiment.baseline) or '(nothing)'}"]
         for variant in experiment.candidates:
             lines.append(f"  variant  {variant['name']}: apply {experiment.apply_command(variant)}; "
-                         f"{per_variant:g} s at most; decide; revert unless kept")
+                         f"{schedule.variant_seconds():g} s at most; decide; revert unless kept")
         lines += [f"  revert   {experiment.revert}",
-                  f"  decide   {experiment.decider or 'built-in rules'}"
-                  + ("; may stop early" if settings["EARLY_STOP"] == "yes" and not experiment.decider else ""),
+                  f"  decide   {experiment.decider or 'built-in rules'}" + ("; may stop early" if schedule.early_stop else ""),
                   f"  at most  {longest:g} s of measuring plus command time"]
     lines.append(f"dry run: nothing was changed; at most {total:g} s of measuring in all")
     return "\n".join(lines)
@@ -3520,13 +3774,13 @@ def _count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of SPEC.md."""
+    """The command line of docs/SPEC.md."""
     common = _Parser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS, help="the home folder (default $SMART_HOME, else beside smart.py)")
     common.add_argument("--config", default=argparse.SUPPRESS, help="settings file (default HOME/smart.conf)")
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
     parser = _Parser(prog="smart.py", parents=[common],
-                     description="A self-tuning agent for a small web server (SPEC.md).")
+                     description="A self-tuning agent for a small web server (docs/SPEC.md).")
     parser.add_argument("--version", action="version", version=f"smart.py {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True

@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
 """How well smart.py's measurement designs cope with drift, harm and long horizons (issue 8).
 
-A simulation on a virtual clock (no server, no sleeping) that replays the schedules of
-smart.Trial faithfully and takes every decision with smart's own pieces:
+A simulation on a virtual clock (no server, no sleeping) that runs the product's own smart.Trial
+-- its schedules, guard, looks, switching and records -- against a simulated target:
 
   A  sequential               baseline for H s, a cool-down, the variant for H s, one
-                              fixed-horizon verdict (Trial.run_sequential, EARLY_STOP=no)
-  B  switchback               BLOCKS pairs in the order smart.balanced_orders draws from a seeded
-                              random.Random, a warm-up after every switch (measured, not judged),
-                              one verdict at the end (Trial.run_switchback, EARLY_STOP=no)
-  C  switchback + seq. stop   B with a smart.Look after each pair from pair 3 on (EARLY_STOP=yes)
-  D  sequential + seq. stop   A with a smart.Look every Trial.look_every(H) s (EARLY_STOP=yes)
+                              fixed-horizon verdict (DESIGN=sequential, EARLY_STOP=no)
+  B  switchback               BLOCKS pairs in a balanced random order, a warm-up after every
+                              switch (measured, not judged), one verdict at the end
+                              (DESIGN=switchback, EARLY_STOP=no)
+  C  switchback + seq. stop   B with the sequential stop's looks (EARLY_STOP=yes)
+  D  sequential + seq. stop   A with a look every few seconds (EARLY_STOP=yes)
 
-In every design a guard (smart.Guard.check, on a 0.5 s grid as Guard.tripped) is fed every row
-of the variant from its apply; its reference is the baseline rows so far, as Trial's is.
+What is simulated: the clock (smart.Trial, Guard and Look take it as a seam), the target (the
+experiment's apply and revert commands reach it through the run's one door to commands,
+smart.Commands, whose runner is a seam) and the rows (smart.Measurer.collect, replaced by
+SimMeasurer); everything else is the product's own code, run in a scratch home on /dev/shm.
 
 Requests are due at a fixed rate (open loop, as the Prober's rate shape); each has a latency
 drawn lognormally (sigma 0.25) around the scenario's level at that moment and fails with the
@@ -31,7 +33,7 @@ smart.sequential_alpha and once with the fixed alpha at every look.
 
 Reps: --reps (200) for every cell the acceptance rests on (no-effect and harmful scenarios, and
 every C/D cell); a quarter of it for the gain / small-gain cells of A and B; half of it per arm of
-the peeking check (--full: every cell at --reps).  About 80 s on 2 idle cores.
+the peeking check (--full: every cell at --reps).
 
 Stdlib only.  Prints keep rates per scenario x design, seconds a harmful variant stayed applied,
 false/true keeps and time to a verdict per design, then PASS/FAIL lines for the acceptance of
@@ -44,14 +46,14 @@ issue 8; exits 1 on any FAIL.
 from __future__ import annotations
 
 import argparse
-import bisect
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-import types
 from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,10 +62,7 @@ import smart  # noqa: E402  (the repo root, not an installed copy)
 RATE = 20.0                 # requests per second (open loop)
 SIGMA = 0.25                # lognormal noise of every latency
 TIMEOUT_MS = 5000.0         # the Prober's default timeout: a request past it is a row with code 0
-GUARD_EVERY = 0.5           # Guard.tripped checks at most twice a second
-FIRST_LOOK_PAIR = 3         # Trial.switchback_variant looks from the 3rd pair on
 TWO_PI = 2.0 * math.pi
-VERIFY_EVERY = 16           # every Nth guard poll that the prefilter skips is also run through Guard.check
 
 MAX_DRIFT_KEEP_PCT = 1.0    # switchback must revert a drifting no-op in >= 99% of repetitions
 MAX_HARM_SECONDS = 10.0     # a harmful variant is reverted within 10 s of its apply
@@ -130,20 +129,23 @@ DESIGNS = {
 }
 
 
-###### The simulated target and prober ######
+###### The simulated target, and the product's own Trial driven against it ######
 
 class Config:
-    """The schedule's settings: smart's defaults, with BASELINE_SECONDS = EXPERIMENT_SECONDS = horizon."""
+    """The run's settings: smart's defaults, with BASELINE_SECONDS = EXPERIMENT_SECONDS = horizon."""
 
     def __init__(self, horizon, settings=None):
-        settings = dict(settings or smart.load_settings(None, environ={}))
-        self.settings = settings
+        self.settings = dict(settings or smart.load_settings(None, environ={}))
         self.horizon = float(horizon)
-        self.cooldown = float(settings["COOLDOWN_SECONDS"])
-        self.warmup = float(settings["WARMUP_SECONDS"])
-        self.pairs = int(settings["BLOCKS"])
-        trial = types.SimpleNamespace(settings=settings)
-        self.look_every = smart.Trial.look_every(trial, self.horizon)   # Trial's own rule
+        self.warmup = float(self.settings["WARMUP_SECONDS"])
+        self.pairs = int(self.settings["BLOCKS"])
+        self.cooldown = float(self.settings["COOLDOWN_SECONDS"])
+
+    def for_design(self, layout, early):
+        """The settings a run of this design gets (smart.load_settings validates them)."""
+        return smart.load_settings(None, environ={}, overrides=dict(
+            self.settings, DESIGN=layout, EARLY_STOP="yes" if early else "no",
+            BASELINE_SECONDS=self.horizon, EXPERIMENT_SECONDS=self.horizon))
 
     def run_length(self, design):
         """Nominal run length (s) of one variant's run, without early stops."""
@@ -152,83 +154,8 @@ class Config:
         return self.warmup + self.pairs * 2 * (self.warmup + self.horizon / self.pairs)
 
 
-class ReferenceView:
-    """What Guard.check reads of its reference Arm, with the latencies sorted once."""
-
-    def __init__(self, arm):
-        self.latencies = sorted(arm.latencies)
-        self.errors, self.total = arm.errors, arm.total
-
-    @property
-    def ok(self):
-        return len(self.latencies)
-
-
-class SimGuard(smart.Guard):
-    """smart.Guard on a virtual clock; latencies kept sorted so a check costs no sort.
-
-    poll() runs Guard.check whenever a cheap prefilter (the same two conditions on the sorted
-    lists) says it could trip, and on every VERIFY_EVERY-th skipped poll as a cross-check; a
-    disagreement is counted (and reported as a FAIL), so the trips are Guard.check's own.
-    """
-
-    def __init__(self, reference_arm, thresholds, start):
-        super().__init__(ReferenceView(reference_arm), thresholds)
-        self.start = start
-        self.next = start              # Guard.checked starts at 0: the first tripped() checks at once
-        self.skipped = 0
-        self.mismatches = 0
-        reference = self.reference
-        self.base_rate = reference.errors / reference.total if reference.total else 0.0
-        self.limit = (smart.GUARD_FACTOR * smart.percentile(reference.latencies, 99)
-                      if reference.ok >= smart.GUARD_MIN_ROWS else None)
-
-    def add(self, latency_ms, code):
-        self.total += 1
-        if code == 0 or code >= 500:
-            self.errors += 1
-        else:
-            bisect.insort(self.latencies, latency_ms)
-
-    def _could_trip(self):
-        if self.total < smart.GUARD_MIN_ROWS:
-            return False
-        bound = smart.wilson_lower(self.errors, self.total, smart.GUARD_CONFIDENCE)
-        if bound > self.base_rate + self.thresholds.max_err_delta_pct / 100:
-            return True
-        return (self.limit is not None and len(self.latencies) >= smart.GUARD_MIN_ROWS
-                and smart.percentile(self.latencies, 50) > self.limit)
-
-    def poll(self, at):
-        self.next += GUARD_EVERY
-        if self._could_trip():
-            self.reason = self.check(at - self.start)
-            if self.reason is None:
-                self.mismatches += 1
-        else:
-            self.skipped += 1
-            if self.skipped % VERIFY_EVERY == 0 and self.check(at - self.start) is not None:
-                self.mismatches += 1
-        return self.reason
-
-
-class SimLook:
-    """smart.Look on a virtual clock: decide() at look_start + k * every, as Look.due does."""
-
-    def __init__(self, base, var, thresholds, horizon, every, start):
-        self.look = smart.Look(base, var, thresholds, horizon, every)
-        self.horizon, self.every, self.start = horizon, every, start
-        self.next = start + every
-        self.count = 0
-
-    def poll(self, at):
-        self.next = at + self.every
-        self.count += 1
-        return self.look.decide(min(1.0, (at - self.start) / self.horizon))
-
-
-class Sim:
-    """A target whose latency follows a scenario, and an open-loop prober on a virtual clock."""
+class SimTarget:
+    """A target whose latency follows a scenario on a virtual clock, switched by the run's own commands."""
 
     def __init__(self, scenario, rng, run_length):
         self.level = scenario
@@ -236,6 +163,20 @@ class Sim:
         self.run_length = run_length
         self.now = 0.0
         self.applied = False
+        self.applied_at = None
+        self.applied_max = 0.0          # the longest the variant stayed applied before a revert
+
+    def clock(self):
+        return self.now
+
+    def run_command(self, command, cwd, timeout, env=None, should_stop=None, stdout_only=False):
+        """smart.run_command's stand-in: the experiment's apply and revert switch the target."""
+        if command == "apply variant" and not self.applied:
+            self.applied, self.applied_at = True, self.now
+        elif command == "revert" and self.applied:
+            self.applied = False
+            self.applied_max = max(self.applied_max, self.now - self.applied_at)
+        return smart.CommandResult(command, 0, "", 0.0, False)
 
     def normals(self, count):
         """count standard normal deviates (Box-Muller on the scenario's seeded stream)."""
@@ -247,8 +188,8 @@ class Sim:
             out.append(radius * sin(angle))
         return out[:count]
 
-    def rows(self, start, end):
-        """(done, due, latency_ms, code) of the requests due in [start, end), in completion order."""
+    def requests(self, start, end):
+        """(due, done, latency_ms, code) of the requests due in [start, end) at RATE, open loop."""
         rand, level, exp, length, applied = self.rng.random, self.level, math.exp, self.run_length, self.applied
         out = []
         count = max(0, math.ceil((end - start) * RATE - 1e-9))
@@ -259,160 +200,119 @@ class Sim:
             code = 503 if p_err and rand() < p_err else 200
             if latency >= TIMEOUT_MS:
                 latency, code = TIMEOUT_MS, 0
-            out.append((due + latency / 1000.0, due, latency, code))
-        out.sort()
+            out.append((due, due + latency / 1000.0, float(f"{latency:.3f}"), code))
         return out
 
-    def window(self, seconds, sinks, guard=None, look=None):
-        """Measure for `seconds` from now, as Trial.measure + Prober do; returns 'guard', 'look' or None.
 
-        sinks: (arm, block) pairs every row goes to (Arm.add with the row's due time as `at`).
-        The guard polls on its 0.5 s grid and the look on its own, both seeing the rows completed
-        so far; either one stopping ends the window at once (in-flight requests are dropped).
-        Otherwise the window lasts until its last request has completed.
-        """
-        start = self.now
-        rows = self.rows(start, start + seconds)
-        finish = max(start + seconds, rows[-1][0] if rows else start)
-        dones = [row[0] for row in rows]
-        index = 0
+class SimMeasurer(smart.Measurer):
+    """smart.Measurer with collect() replaced: the rows come from the SimTarget, on its virtual clock.
 
-        def feed(upto):
-            nonlocal index
-            for _, due, latency, code in rows[index:upto]:
-                for arm, block in sinks:
-                    arm.add(latency, code, block, due)
-                if guard is not None:
-                    guard.add(latency, code)
-            index = upto
+    As the Prober does, it asks should_stop() at every send and every completed row (the guard and
+    the looks pace themselves by the clock), and once stopped drops what is still in flight; else a
+    window lasts until its last request has completed.
+    """
 
-        while True:
-            at = min(guard.next if guard is not None else math.inf, look.next if look is not None else math.inf)
-            if at > finish:
-                break
-            feed(bisect.bisect_left(dones, at, index))
-            if guard is not None and guard.next <= at and guard.poll(at):
-                self.now = at
-                return "guard"
-            if look is not None and look.next <= at and look.poll(at) is not None:
-                self.now = at
-                return "look"
-        feed(len(rows))
-        self.now = finish
-        return None
+    def __init__(self, record, experiment, schedule, stop, target):
+        super().__init__(record, experiment, schedule, stop, wall=lambda: target.now)
+        self.target = target
 
+    def collect(self, path, seconds, block, on_row, should_stop, variant):
+        target = self.target
+        start = target.now
+        requests = target.requests(start, start + seconds)
+        events = sorted([(due, 1, None) for due, _, _, _ in requests]
+                        + [(done, 0, (latency, code, due)) for due, done, latency, code in requests])
+        for at, _, row in events:
+            target.now = max(target.now, at)
+            if row is not None:
+                on_row(row[0], row[1], row[2])
+            if should_stop():
+                return
+        target.now = max(target.now, start + seconds)
 
-###### The designs (Trial.sequential_variant and Trial.switchback_variant on the virtual clock) ######
 
 class Outcome:
-    __slots__ = ("decision", "aborted", "applied_max", "fraction", "early", "looks", "mismatches")
+    __slots__ = ("decision", "aborted", "applied_max", "fraction", "early", "looks")
+
+
+def run_trial(settings, scenario, rng, run_length, home, run_id):
+    """One run of one variant through smart.Trial, against a SimTarget; its Outcome."""
+    target = SimTarget(scenario, rng, run_length)
+    experiment = smart.Experiment(home.root, {
+        "id": "sim", "variants": [{"name": "baseline", "apply": "apply baseline"},
+                                  {"name": "variant", "apply": "apply variant"}],
+        "revert": "revert", "target_url": "http://sim.invalid/"})
+    log = smart.Log(open(os.devnull, "w", encoding="utf-8"))
+    record = smart.RunRecord.open(home, log, smart.Commands(log, 60.0, target.run_command), experiment)
+    record.run_id = run_id                       # the switchback order's seed comes from the run id
+    stop = smart.StopFlag()
+    schedule = smart.Schedule.of(experiment, settings)
+    trial = smart.Trial(record, experiment, schedule, smart.Thresholds(settings), settings["VERIFY_SECONDS"],
+                        smart.Switcher(record, experiment, stop), SimMeasurer(record, experiment, schedule, stop, target),
+                        stop, clock=target.clock)
+    looks = LookCounter()
+    try:
+        with looks:
+            trial.run()
+    finally:
+        record.close()
+        log.out.close()
+        shutil.rmtree(record.run_dir)
+    variant = record.state["variants"][-1]
+    verdict = variant["verdict"] or {}
+    outcome = Outcome()
+    outcome.decision = variant["decision"]
+    outcome.aborted = bool(variant["stopped_early"]) and variant["stopped_early"].startswith("guardrail")
+    outcome.applied_max = math.inf if outcome.decision == "keep" else target.applied_max
+    outcome.early = verdict.get("fraction") is not None and verdict["fraction"] < 1
+    outcome.fraction = verdict["fraction"] if outcome.early else 1.0
+    if outcome.aborted:
+        outcome.fraction = min(1.0, target.applied_max / run_length)
+    outcome.looks = looks.count
+    return outcome
+
+
+class LookCounter:
+    """Counts the sequential stop's looks (calls of smart.decisive) while it is entered."""
 
     def __init__(self):
-        self.decision, self.aborted, self.applied_max = None, False, 0.0
-        self.fraction, self.early, self.looks, self.mismatches = 1.0, False, 0, 0
+        self.count = 0
+        self.original = smart.decisive
 
+    def __enter__(self):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self.original(*args, **kwargs)
+        smart.decisive = counted
 
-def run_sequential(sim, cfg, thresholds, early, outcome):
-    H = cfg.horizon
-    baseline = smart.Arm()
-    sim.window(H, [(baseline, None)])
-    guard = SimGuard(baseline, thresholds, sim.now)       # Guard(baseline) is made before the apply
-    sim.applied, applied_at = True, sim.now
-    try:
-        stop = sim.window(cfg.cooldown, [(smart.Arm(), None)], guard=guard)
-        if stop == "guard":
-            outcome.decision, outcome.aborted = "revert", True
-            outcome.fraction = 0.0
-            return
-        arm = smart.Arm()
-        look = SimLook(baseline, arm, thresholds, H, cfg.look_every, sim.now) if early else None
-        measuring_from = sim.now
-        stop = sim.window(H, [(arm, None)], guard=guard, look=look)
-        outcome.looks = look.count if look else 0
-        if stop == "guard":
-            outcome.decision, outcome.aborted = "revert", True
-            outcome.fraction = (sim.now - measuring_from) / H
-            return
-        if stop == "look":
-            result, outcome.fraction, outcome.early = look.look.result, look.look.fraction, True
-        else:
-            result = smart.verdict(baseline, arm, thresholds, fraction=1.0 if early else None)
-        outcome.decision = result.decision
-    finally:
-        outcome.mismatches += guard.mismatches
-        if outcome.decision == "keep":
-            outcome.applied_max = math.inf
-        else:
-            outcome.applied_max = max(outcome.applied_max, sim.now - applied_at)
-            sim.applied = False
-
-
-def run_switchback(sim, cfg, thresholds, early, outcome, order_rng):
-    pairs, warmup = cfg.pairs, cfg.warmup
-    reference = smart.Arm()
-    sim.window(warmup, [(reference, None)])              # the run's first baseline warm-up
-    baseline, arm = smart.Arm(), smart.Arm()
-    orders = smart.balanced_orders(order_rng, pairs)
-    block_seconds = base_seconds = cfg.horizon / pairs
-    for index, variant_first in enumerate(orders):
-        block = index + 1
-        for is_variant in (variant_first, not variant_first):
-            if is_variant:
-                guard = SimGuard(reference, thresholds, sim.now)
-                sim.applied, applied_at = True, sim.now
-                stop = sim.window(warmup, [(smart.Arm(), block)], guard=guard)
-                if stop is None:
-                    stop = sim.window(block_seconds, [(arm, block)], guard=guard)
-                outcome.mismatches += guard.mismatches
-                outcome.applied_max = max(outcome.applied_max, sim.now - applied_at)
-                if stop == "guard":
-                    sim.applied = False
-                    outcome.decision, outcome.aborted = "revert", True
-                    outcome.fraction = index / pairs
-                    return
-            else:
-                sim.applied = False
-                sim.window(warmup, [(reference, block)])
-                sim.window(base_seconds, [(baseline, block), (reference, block)])
-        if early and FIRST_LOOK_PAIR <= index + 1 < pairs:
-            outcome.looks += 1
-            result = smart.Look(baseline, arm, thresholds, 1, 1).decide((index + 1) / pairs)
-            if result is not None:
-                outcome.decision, outcome.fraction, outcome.early = result.decision, (index + 1) / pairs, True
-                break
-    else:
-        outcome.decision = smart.verdict(baseline, arm, thresholds, fraction=1.0 if early else None).decision
-    if outcome.decision == "keep":
-        outcome.applied_max = math.inf
-    sim.applied = False
+    def __exit__(self, *exc):
+        smart.decisive = self.original
 
 
 def simulate(task):
     """One cell chunk: (scenario index, design key, first rep, reps, seed, horizon, settings, naive)."""
     s_index, design_key, first, reps, seed, horizon, overrides, naive = task
-    settings = smart.load_settings(None, environ={}, overrides=overrides)
-    cfg = Config(horizon, settings)
-    thresholds = smart.Thresholds(settings)
+    cfg = Config(horizon, smart.load_settings(None, environ={}, overrides=overrides))
     _, level, _, _, _ = SCENARIOS[s_index]
     _, layout, early = DESIGNS[design_key]
+    settings = cfg.for_design(layout, early)
     restore = None
     if naive:          # the peeking strawman: every look at the fixed-horizon alpha
         restore = smart.sequential_alpha
         smart.sequential_alpha = lambda confidence, fraction: 1 - confidence
+    scratch = tempfile.mkdtemp(prefix="design-quality-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
+        home = smart.Home(scratch)
         results = []
         for rep in range(first, first + reps):
             rng = random.Random(f"{seed}:{s_index}:{design_key}:{rep}:{naive}:{overrides}")
-            sim = Sim(level, rng, cfg.run_length(layout))
-            outcome = Outcome()
-            if layout == "sequential":
-                run_sequential(sim, cfg, thresholds, early, outcome)
-            else:
-                run_switchback(sim, cfg, thresholds, early, outcome, random.Random(rng.getrandbits(32)))
+            run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(rng.randrange(1_000_000_000, 2_000_000_000)))
+            outcome = run_trial(settings, level, rng, cfg.run_length(layout), home, run_id)
             results.append((outcome.decision, outcome.aborted, outcome.applied_max, outcome.fraction,
-                            outcome.early, outcome.looks, outcome.mismatches))
+                            outcome.early, outcome.looks))
         return (s_index, design_key, naive, overrides, results)
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         if restore is not None:
             smart.sequential_alpha = restore
 
@@ -455,6 +355,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     cfg = Config(args.horizon, smart.load_settings(None, environ={}, overrides=base))
     thresholds = smart.Thresholds(cfg.settings)
+    look_every = smart.Schedule.of(smart.Experiment("/", {"variants": [{"name": "baseline"}]}),
+                                   cfg.for_design("sequential", True)).look_every(cfg.horizon)
     light = args.reps if args.full else max(1, args.reps // 4)
     peek_reps = args.reps if args.full else max(1, args.reps // 2)
 
@@ -482,7 +384,7 @@ def main(argv=None) -> int:
     print(f"design_quality: horizon {args.horizon:g} s per arm, {RATE:g} requests/s, lognormal sigma {SIGMA}, "
           f"seed {args.seed}, {args.jobs} jobs")
     print(f"  smart defaults: BLOCKS={cfg.pairs} WARMUP_SECONDS={cfg.warmup:g} COOLDOWN_SECONDS={cfg.cooldown:g} "
-          f"look every {cfg.look_every:g} s (sequential), after each pair from pair {FIRST_LOOK_PAIR} (switchback); "
+          f"look every {look_every:g} s (sequential), after each pair from pair {smart.FIRST_LOOK_PAIR} (switchback); "
           f"IMPROVE_PCT={thresholds.improve_pct:g} CONFIDENCE={thresholds.confidence:g}")
     print(f"  reps: {args.reps} for no-effect and harmful scenarios and for C/D everywhere, "
           f"{light} for gain/small-gain cells of A/B, {peek_reps} per arm of the peeking check")
@@ -497,7 +399,6 @@ def main(argv=None) -> int:
     def cell(s_index, key):
         return results[(s_index, key, False, tuple(sorted(base.items())) if base else None)]
 
-    mismatches = sum(r[6] for rows in results.values() for r in rows)
 
     # -- per scenario x design --
     print()
@@ -554,7 +455,7 @@ def main(argv=None) -> int:
     peek_rate = {naive: pct(sum(r[0] == "keep" for r in rows), len(rows)) for naive, rows in peek_rows.items()}
     looks = statistics.median(r[5] for r in peek_rows[False])
     print(f"peeking check (no change, IMPROVE_PCT=0 so only the significance rule guards; D looks every "
-          f"{cfg.look_every:g} s, median {looks:g} looks):")
+          f"{look_every:g} s, median {looks:g} looks):")
     print(f"  smart.sequential_alpha: false keeps {peek_rate[False]:.1f}% of {len(peek_rows[False])}   "
           f"fixed alpha {1 - thresholds.confidence:g} at every look: {peek_rate[True]:.1f}% of {len(peek_rows[True])}")
 
@@ -599,12 +500,10 @@ def main(argv=None) -> int:
     peek_kept = sum(r[0] == "keep" for r in peek_rows[False])
     chance = smart.binomial_sf(peek_kept, len(peek_rows[False]), MAX_NOCHANGE_KEEP_PCT / 100)
     check(chance >= 0.05,
-          f"looking every {cfg.look_every:g} s at smart.sequential_alpha keeps a no-change variant in "
+          f"looking every {look_every:g} s at smart.sequential_alpha keeps a no-change variant in "
           f"{peek_rate[False]:.1f}% with only the significance rule, not above {MAX_NOCHANGE_KEEP_PCT:g}% "
           f"(P(>= {peek_kept} keeps | {MAX_NOCHANGE_KEEP_PCT:g}%) = {chance:.2f} >= 0.05; the fixed alpha at "
           f"every look keeps {peek_rate[True]:.1f}%)")
-    check(mismatches == 0, f"the simulation's guard prefilter agreed with smart.Guard.check ({mismatches} "
-                           "disagreements)")
     print(f"elapsed {time.perf_counter() - started:.1f} s")
     return 0 if all(checks) else 1
 

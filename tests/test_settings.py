@@ -172,9 +172,10 @@ class DefaultsTests(SettingsTestCase):
         self.assertIn(path, str(caught.exception))
 
     def test_defaults_are_valid_settings(self):
-        for key, (default, (parse, _), _) in smart.SETTINGS.items():
+        for key, (default, kind, _) in smart.SETTINGS.items():
             with self.subTest(key=key):
-                self.assertEqual(parse(str(default)), default)
+                self.assertEqual(kind.from_text(str(default)), default)
+                self.assertTrue(kind.accepts(default))
 
 
 class PrecedenceTests(SettingsTestCase):
