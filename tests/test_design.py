@@ -510,3 +510,40 @@ class RobustnessSwitchback(Robustness, DesignTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ClockSeams(unittest.TestCase):
+    """Guard and Look pace themselves by the clock they are given (bench/design_quality.py runs a virtual one)."""
+
+    def setUp(self):
+        self.now = 100.0
+        self.thresholds = smart.Thresholds(smart.load_settings(None, environ={}))
+
+    def clock(self):
+        return self.now
+
+    def arm(self, latencies):
+        arm = smart.Arm()
+        for latency in latencies:
+            arm.add(latency, 200)
+        return arm
+
+    def test_guard_checks_again_only_when_its_clock_has_moved_on(self):
+        guard = smart.Guard(self.arm([10.0] * 50), self.thresholds, self.clock)
+        self.assertFalse(guard.tripped())                 # the first check: nothing measured yet
+        for _ in range(20):
+            guard.add(0.0, 503)
+        self.assertFalse(guard.tripped(), "checked again before GUARD_EVERY passed on its clock")
+        self.now += smart.GUARD_EVERY
+        self.assertTrue(guard.tripped())
+        self.assertIn("20 of 20 requests failed", guard.reason)
+
+    def test_look_decides_at_its_clocks_due_time_and_records_the_fraction(self):
+        base = self.arm([20.0 + (i % 7) * 0.1 for i in range(300)])
+        var = self.arm([2.0 + (i % 7) * 0.1 for i in range(300)])
+        look = smart.Look(base, var, self.thresholds, horizon=100.0, every=10.0, clock=self.clock)
+        self.assertFalse(look.due())
+        self.now += 25.0
+        self.assertTrue(look.due())
+        self.assertEqual(look.result.decision, "keep")
+        self.assertAlmostEqual(look.fraction, 0.25)

@@ -925,6 +925,21 @@ class InputsAndHooks(RunTestCase):
         self.assertEqual(self.server(), "original")
         self.assertEqual(self.run_ids(), [])
 
+    def test_measure_shape_outside_the_probers_limits_exits_2_in_run_dry_run_and_apply(self):
+        # The prober refuses 20000 connections; meta.json must be refused at load time, before the
+        # baseline's apply, naming the file and the field - not later with a command-line flag's name.
+        for field, value in (("concurrency", 20000), ("rate", 0), ("timeout", 7200), ("max_in_flight", 0.5)):
+            self.simple_experiment("001_shape", url="http://127.0.0.1:9/", measure={field: value})
+            for args in (("run", "001_shape"), ("run", "--dry-run", "001_shape"), ("apply", "001_shape", "workers_2")):
+                with self.subTest(field=field, args=args):
+                    rc, out, err = self.cli(*args)
+                    self.assertEqual(rc, 2, out + err)
+                    self.assert_one_error_line(err, "meta.json", f"measure.{field}")
+                    self.assertNotIn("--", err.split(f"measure.{field}", 1)[1])
+        self.assertEqual(self.server(), "original")
+        self.assertFalse(os.path.exists(self.path("order.log")))
+        self.assertEqual(self.run_ids(), [])
+
     def test_dry_run_prints_the_plan_and_changes_nothing(self):
         self.experiment("001_workers", [("baseline", apply_cmd("baseline")), ("workers_2", apply_cmd("workers_2")),
                                         ("workers_4", apply_cmd("workers_4"))],
