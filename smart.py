@@ -14,6 +14,16 @@ file; the names in __all__ are the stable API that tests and scripts may import.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":
+    # The imports below take a few hundred milliseconds on a small box; a SIGTERM or Ctrl-C meanwhile
+    # is noted, not fatal, and main() acts on it (nothing has been changed yet).
+    EARLY_SIGNALS = []
+    for _early in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_early, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
 import argparse
 import array
 import bisect
@@ -31,14 +41,14 @@ import os
 import pwd
 import random
 import re
+import secrets
 import selectors
 import shlex
 import shutil
-import signal
 import socket
 import ssl
+import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -92,6 +102,10 @@ class Interrupted(WorkFailed):
     """SIGTERM or SIGINT arrived: what was applied has been reverted."""
 
 
+class Unhealthy(WorkFailed):
+    """The target answers mostly failures on the baseline: nothing is tried against a broken site."""
+
+
 class ApplyFailed(SmartError):
     """An apply command failed or overran its time box (the variant is reverted)."""
 
@@ -121,11 +135,20 @@ def to_journal(stream) -> bool:
     return expected == f"{info.st_dev}:{info.st_ino}"
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """text without control characters (escape sequences from a command's output, a coach, a file):
+    what reaches a terminal must not drive it."""
+    return _CONTROL.sub("", text)
+
+
 def emit(line: str, stream=None, level: str = "info") -> None:
-    """Print a line; under journald with a <N> priority prefix, so journalctl -p filters it."""
+    """Print a line without control characters; under journald with a <N> priority prefix."""
     stream = sys.stdout if stream is None else stream
     prefix = f"<{JOURNAL_PRIORITY[level]}>" if to_journal(stream) else ""
-    print(prefix + line, file=stream, flush=True)
+    print(prefix + printable(line), file=stream, flush=True)
 
 
 def warn(message: str) -> None:
@@ -283,7 +306,7 @@ def load_settings(conf_path: str | None, environ=None, overrides=None, conf_requ
 
 ###### Experiment definition (meta.json) ######
 
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")     # a file name, never an option or hidden
 A_STRING = Kind.text("a string")
 A_COMMAND = Kind.text("a shell command string")
 
@@ -418,7 +441,7 @@ def _check_variants(variants, bad) -> None:
             raise bad(where, "expected an object with name and apply")
         name = variant.get("name")
         if not isinstance(name, str) or not VARIANT_NAME.match(name):
-            raise bad(f"{where}.name", f"{name!r} must match [A-Za-z0-9._-]{{1,64}}")
+            raise bad(f"{where}.name", f"{name!r} must be 1 to 64 of A-Z a-z 0-9 . _ - and not start with . or -")
         if name in seen:
             raise bad(f"{where}.name", f"{name!r} is used twice")
         seen.add(name)
@@ -995,33 +1018,48 @@ def measure_url(url: str, duration: float, out_path: str, *, method="GET", heade
 ###### Measurement CSV ######
 
 def is_failure(code: int) -> bool:
-    """A failed request: no HTTP answer (code 0) or a server error (5xx).  Counted in the error rate,
-    left out of the latency percentiles (docs/SPEC.md "Measurement CSV")."""
+    """A request that failed whatever the URL: no HTTP answer (code 0) or a server error (5xx).
+
+    A request also fails when its content check failed (the CSV's `check` column), or when its
+    status differs from what its URL usually answered on the baseline (Arm.judged).  Failed
+    requests count in the error rate and stay out of the latency percentiles (docs/SPEC.md).
+    """
     return code == 0 or code >= 500
 
 
 class Arm:
-    """One arm's measurements: successful latencies (array of float ms), counts, block labels."""
+    """One arm's measurements: the latencies of its successful requests (array of float ms) with
+    their status, URL and block, and a count of every answer.
 
-    __slots__ = ("path", "latencies", "blocks", "total", "errors", "block_totals", "block_errors", "block_started")
+    judged() turns the answers whose status differs from the baseline's usual status for their
+    URL into failures, so that a variant breaking routing (fast 404s) can never pass for faster.
+    """
+
+    __slots__ = ("path", "latencies", "statuses", "urls", "url_names", "blocks", "total", "errors",
+                 "block_totals", "block_errors", "block_started", "answers")
 
     def __init__(self, path="-"):
         self.path = path
         self.latencies = array.array("d")
-        self.blocks = None            # array('l') parallel to latencies, when rows carry a block
+        self.statuses = array.array("H")      # parallel to latencies: each successful request's status
+        self.urls = None                      # array('H') parallel to latencies, once rows name their URL
+        self.url_names = [None]               # what those indexes stand for; 0 is "the one URL"
+        self.blocks = None                    # array('l') parallel to latencies, when rows carry a block
         self.total = 0
         self.errors = 0
         self.block_totals = {}
         self.block_errors = {}
-        self.block_started = {}       # block -> epoch seconds of its first row (tells which arm went first)
+        self.block_started = {}               # block -> epoch seconds of its first row (which arm went first)
+        self.answers = collections.Counter()  # (url, status) -> requests, the failed ones too
 
-    def add(self, latency_ms: float, code: int, block=None, at=None) -> None:
-        """Count one request (used by the prober and by tests); `at` is when a block's first row was sent."""
+    def add(self, latency_ms: float, code: int, block=None, at=None, url=None, check="") -> None:
+        """Count one request; `at` is when it was sent, `check` names a content check it failed."""
         self.total += 1
-        failed = is_failure(code)
+        self.answers[(url, code)] += 1
+        failed = is_failure(code) or bool(check)
         if block is not None:
             if self.blocks is None:
-                self.blocks = array.array("l", [0] * len(self.latencies))
+                self.blocks = array.array("l", bytes(8 * len(self.latencies)))
             if block not in self.block_started and at is not None:
                 self.block_started[block] = at
             self.block_totals[block] = self.block_totals.get(block, 0) + 1
@@ -1031,29 +1069,82 @@ class Arm:
             self.errors += 1
             return
         self.latencies.append(latency_ms)
+        self.statuses.append(code)
+        if url is not None or self.urls is not None:
+            self._url_indexes().append(self._url_index(url))
         if self.blocks is not None:
             self.blocks.append(block if block is not None else 0)
+
+    def _url_indexes(self):
+        if self.urls is None:
+            self.urls = array.array("H", bytes(2 * len(self.latencies)))
+        return self.urls
+
+    def _url_index(self, url) -> int:
+        try:
+            return self.url_names.index(url)
+        except ValueError:
+            self.url_names.append(url)
+            return len(self.url_names) - 1
 
     @property
     def ok(self) -> int:
         return len(self.latencies)
 
+    def usual_status(self) -> dict:
+        """URL -> the status (1xx-4xx) this arm answered most often for it; ties go to the lower status."""
+        best = {}
+        for (url, code), count in self.answers.items():
+            if 100 <= code < 500 and (count, -code) > best.get(url, (0, 0)):
+                best[url] = (count, -code)
+        return {url: -negative for url, (_, negative) in best.items()}
+
+    def judged(self, usual: dict) -> "Arm":
+        """This arm with every successful request whose status differs from usual[its URL] failed."""
+        wrong = {(url, code) for (url, code) in self.answers
+                 if not is_failure(code) and url in usual and code != usual[url]}
+        if not wrong:
+            return self
+        return self._select(lambda url, code, block: (url, code) not in wrong)
+
     def only(self, blocks) -> "Arm":
         """A copy holding only the rows of the given blocks."""
         keep = set(blocks)
+        return self._select(lambda url, code, block: True, keep)
+
+    def _select(self, keeps, blocks=None) -> "Arm":
+        """A copy of the successful rows keeps(url, code, block) holds for (the others become failures),
+        over the given blocks (all when None)."""
         part = Arm(self.path)
-        part.blocks = array.array("l")
-        for latency, block in zip(self.latencies, self.blocks):
-            if block in keep:
+        part.url_names = list(self.url_names)
+        part.urls = None if self.urls is None else array.array("H")
+        part.blocks = None if self.blocks is None else array.array("l")
+        urls = self.urls if self.urls is not None else repeat(0)
+        rows = self.blocks if self.blocks is not None else repeat(None)
+        moved = collections.Counter()
+        for latency, code, index, block in zip(self.latencies, self.statuses, urls, rows):
+            if blocks is not None and block not in blocks:
+                continue
+            if keeps(self.url_names[index], code, block):
                 part.latencies.append(latency)
-                part.blocks.append(block)
-        for block in keep:
+                part.statuses.append(code)
+                if part.urls is not None:
+                    part.urls.append(index)
+                if part.blocks is not None:
+                    part.blocks.append(block)
+            else:
+                moved[block] += 1
+        chosen = self.block_totals.keys() if blocks is None else blocks
+        if self.blocks is None:
+            part.total, part.errors = self.total, self.errors + moved[None]
+        for block in chosen:
             part.total += self.block_totals.get(block, 0)
-            part.errors += self.block_errors.get(block, 0)
+            part.errors += self.block_errors.get(block, 0) + moved[block]
             part.block_totals[block] = self.block_totals.get(block, 0)
-            part.block_errors[block] = self.block_errors.get(block, 0)
+            part.block_errors[block] = self.block_errors.get(block, 0) + moved[block]
             if block in self.block_started:
                 part.block_started[block] = self.block_started[block]
+        part.answers = self.answers
         return part
 
 
@@ -1074,48 +1165,67 @@ def _epoch(stamp: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def _parse_row(line: str):
-    """One CSV line -> (latency_ms, code, block or None); ValueError says what is wrong."""
+CSV_COLUMNS = ("timestamp", "latency_ms", "response_code", "block", "url", "check")   # the last three optional
+
+
+def csv_layout(header: str):
+    """The columns a header line names, or None when the line is no header."""
+    names = [name.strip() for name in header.split(",")]
+    if names[:3] != list(CSV_COLUMNS[:3]) or not set(names[3:]) <= set(CSV_COLUMNS[3:]) \
+            or len(set(names)) != len(names):
+        return None
+    return tuple(names)
+
+
+def _parse_row(line: str, layout=None):
+    """One CSV line -> (timestamp, latency_ms, code, block, url, check); ValueError says what is wrong.
+
+    Without a header's layout, 3 fields are the basic row and 4 carry a block.
+    """
     fields = line.split(",")
-    if len(fields) == 3:
-        block = None
-    elif len(fields) == 4:
-        try:
-            block = int(fields[3])
-        except ValueError:
-            raise ValueError(f"block {fields[3].strip()[:30]!r} is not a whole number") from None
-    else:
-        raise ValueError(f"expected 3 or 4 fields, found {len(fields)}")
+    if layout is None:
+        if len(fields) not in (3, 4):
+            raise ValueError(f"expected 3 or 4 fields, found {len(fields)}")
+        layout = CSV_COLUMNS[:len(fields)]
+    elif len(fields) != len(layout):
+        raise ValueError(f"expected {len(layout)} fields ({','.join(layout)}), found {len(fields)}")
+    row = dict(zip(layout, fields))
+    stamp = row["timestamp"].strip()
     try:
-        _check_timestamp(fields[0].strip())
+        _check_timestamp(stamp)
     except ValueError:
-        raise ValueError(f"timestamp {fields[0].strip()[:30]!r} is neither ISO-8601 nor epoch seconds") from None
+        raise ValueError(f"timestamp {stamp[:30]!r} is neither ISO-8601 nor epoch seconds") from None
     try:
-        latency = float(fields[1])
+        latency = float(row["latency_ms"])
     except ValueError:
-        raise ValueError(f"latency_ms {fields[1].strip()[:30]!r} is not a number") from None
+        raise ValueError(f"latency_ms {row['latency_ms'].strip()[:30]!r} is not a number") from None
     if not 0 <= latency < math.inf:
-        raise ValueError(f"latency_ms {fields[1].strip()!r} is not a non-negative number")
+        raise ValueError(f"latency_ms {row['latency_ms'].strip()!r} is not a non-negative number")
     try:
-        code = int(fields[2])
+        code = int(row["response_code"])
     except ValueError:
-        raise ValueError(f"response_code {fields[2].strip()[:30]!r} is not a whole number") from None
+        raise ValueError(f"response_code {row['response_code'].strip()[:30]!r} is not a whole number") from None
     if not (code == 0 or 100 <= code <= 999):
         raise ValueError(f"response_code {code} is neither an HTTP status (100-999) nor 0")
-    return latency, code, block
-
-
-_HEADER = re.compile(r"^\s*timestamp\s*,\s*latency_ms\s*,\s*response_code\s*(,\s*block\s*)?$")
+    block = None
+    if "block" in row:
+        try:
+            block = int(row["block"])
+        except ValueError:
+            raise ValueError(f"block {row['block'].strip()[:30]!r} is not a whole number") from None
+    url = row.get("url", "").strip() or None
+    return stamp, latency, code, block, url, row.get("check", "").strip()
 
 
 def read_measurements(path: str) -> Arm:
     """Stream a measurement CSV into an Arm; BadInput names file:line on a malformed row.
 
     A final line without a newline that does not parse (a measurement cut off mid-write) is
-    skipped with a warning.  Memory holds one float per successful row, nothing per row else.
+    skipped with a warning.  Memory holds a float and a status per successful row, nothing else.
     """
     try:
-        handle = open(path, encoding="utf-8-sig", newline="")
+        fd = open_nofollow(path)
+        handle = open(fd, encoding="utf-8-sig", newline="")
     except OSError as exc:
         raise BadInput(f"{path}: cannot read: {exc.strerror or exc}") from None
     reader = _CsvReader(path)
@@ -1147,32 +1257,41 @@ class _CsvReader:
         self.path = path
         self.arm = Arm(path)
         self.number = 0           # lines consumed so far
-        self.labelled = None      # whether rows carry a block column, once known
+        self.layout = None        # the header's columns, when the file has a header
+        self.labelled = None      # without a header: whether rows carry a block column, once known
 
     def feed(self, lines) -> None:
         first = self.number
         self.number += len(lines)
-        if first == 0 and lines and _HEADER.match(lines[0]):
+        if first == 0 and lines and csv_layout(lines[0].strip()):
+            self.layout = csv_layout(lines[0].strip())
             lines, first = lines[1:], 1
-        if not (self.labelled or self._columns(lines)):
+        if not self._columns(lines):
             for offset, line in enumerate(lines, first + 1):
                 self._line(line, offset, last=False)
 
     def feed_last(self, line: str) -> None:
         self.number += 1
-        if self.number == 1 and _HEADER.match(line):
+        if self.number == 1 and csv_layout(line.strip()):
             return
         self._line(line, self.number, last=True)
 
     def _columns(self, lines) -> bool:
-        """The fast path: every line has three fields that parse; False sends the chunk line by line."""
-        if not lines or set(map(str.count, lines, repeat(","))) != {2}:
+        """The fast path: every line has the layout's fields and they parse; False sends the chunk line by line."""
+        if not lines:
+            return False
+        layout = self.layout or CSV_COLUMNS[:lines[0].count(",") + 1]
+        width = len(layout)
+        if (self.layout is None and (width not in (3, 4) or self.labelled not in (None, width == 4))) \
+                or set(map(str.count, lines, repeat(","))) != {width - 1}:
             return False
         fields = ",".join(lines).split(",")
-        stamps = fields[0::3]
+        column = {name: fields[index::width] for index, name in enumerate(layout)}
+        stamps = column["timestamp"]
         try:
-            latencies = list(map(float, fields[1::3]))
-            codes = list(map(int, fields[2::3]))
+            latencies = list(map(float, column["latency_ms"]))
+            codes = list(map(int, column["response_code"]))
+            blocks = list(map(int, column["block"])) if "block" in column else None
             try:
                 collections.deque(map(datetime.fromisoformat, stamps), maxlen=0)
             except ValueError:
@@ -1186,20 +1305,34 @@ class _CsvReader:
         distinct = set(codes)
         if any(not (code == 0 or 100 <= code <= 999) for code in distinct):
             return False
-        self.labelled = False
-        self.arm.total += len(codes)
+        if self.layout is None:
+            self.labelled = width == 4
+        urls = [url.strip() or None for url in column["url"]] if "url" in column else None
+        checks = [check.strip() for check in column["check"]] if "check" in column else None
+        if blocks is not None or urls is not None or (checks is not None and any(checks)):
+            for stamp, latency, code, block, url, check in zip(stamps, latencies, codes, blocks or repeat(None),
+                                                               urls or repeat(None), checks or repeat("")):
+                at = _epoch(stamp) if block is not None and block not in self.arm.block_started else None
+                self.arm.add(latency, code, block, at, url, check)
+            return True
+        arm = self.arm
+        arm.total += len(codes)
+        arm.answers.update(zip(repeat(None), codes))
         failing = {code for code in distinct if is_failure(code)}
         if failing:
-            ok = [latency for latency, code in zip(latencies, codes) if code not in failing]
-            self.arm.errors += len(codes) - len(ok)
-            latencies = ok
-        self.arm.latencies.extend(latencies)
+            kept = [(latency, code) for latency, code in zip(latencies, codes) if code not in failing]
+            arm.errors += len(codes) - len(kept)
+            latencies, codes = [latency for latency, _ in kept], [code for _, code in kept]
+        arm.latencies.extend(latencies)
+        arm.statuses.extend(codes)
+        if arm.urls is not None:
+            arm.urls.extend(repeat(0, len(codes)))
         return True
 
     def _line(self, line: str, number: int, last: bool) -> None:
         try:
-            latency, code, block = _parse_row(line)
-            if self.labelled is not None and (block is None) == self.labelled:
+            stamp, latency, code, block, url, check = _parse_row(line, self.layout)
+            if self.layout is None and self.labelled is not None and (block is None) == self.labelled:
                 raise ValueError("a block column in some rows and not in others; label every row or none")
         except ValueError as exc:
             if not line.strip():
@@ -1208,11 +1341,10 @@ class _CsvReader:
                 warn(f"{self.path}:{number}: truncated final line skipped")
                 return
             raise BadInput(f"{self.path}:{number}: malformed row {line.strip()[:60]!r}: {exc}") from None
-        self.labelled = block is not None
-        at = None
-        if block is not None and block not in self.arm.block_started:
-            at = _epoch(line.split(",")[0].strip())
-        self.arm.add(latency, code, block, at)
+        if self.layout is None:
+            self.labelled = block is not None
+        at = _epoch(stamp) if block is not None and block not in self.arm.block_started else None
+        self.arm.add(latency, code, block, at, url, check)
 
 
 def _undecodable_line(path: str) -> int:
@@ -1619,10 +1751,14 @@ def verdict(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Verdi
 
 
 def figures(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Figures:
-    """The numbers of a verdict.  Block-labelled arms are compared within the blocks both have: the
-    rank test is van Elteren's, and the p50 improvement and a second significance test come from the
-    period-adjusted crossover analysis of block medians, so drift between blocks cannot pass for an effect."""
+    """The numbers of a verdict.  Both arms are first judged against the baseline's usual status per
+    URL (an answer with another status failed).  Block-labelled arms are compared within the blocks
+    both have: the rank test is van Elteren's, and the p50 improvement and a second significance test
+    come from the period-adjusted crossover analysis of block medians, so drift between blocks cannot
+    pass for an effect."""
     t = thresholds
+    usual = base.usual_status()
+    base, var = base.judged(usual), var.judged(usual)
     if base.blocks is not None and var.blocks is not None:
         common = set(base.block_totals) & set(var.block_totals)
         base, var = base.only(common), var.only(common)
@@ -1788,14 +1924,31 @@ class Home:
                 continue
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write text to path through a temp file and a rename: a reader sees the old or the new file, never half."""
-    folder = os.path.dirname(path) or "."
-    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+def open_nofollow(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """os.open that refuses a symlink at path: var/ belongs to the smart user, and whoever reads or
+    writes there must not be led to another file by a link planted in it."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def read_text(path: str):
+    """A file's text, or None when it does not exist; OSError (ELOOP for a symlink) otherwise."""
     try:
-        with open(temp, "w", encoding="utf-8") as handle:
+        fd = open_nofollow(path)
+    except FileNotFoundError:
+        return None
+    with open(fd, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write text to path through a fresh temp file and a rename: a reader sees the old or the new file, never half."""
+    folder = os.path.dirname(path) or "."
+    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with open(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o644)      # the dashboard's web server reads what is published
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
@@ -1808,18 +1961,63 @@ def write_json(path: str, value) -> None:
     write_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
+def append_line(path: str, line: str) -> None:
+    """Append one line to a file (created when missing), never through a symlink."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with open(fd, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+
+
 def read_json(path: str, default=None):
-    """A JSON file's value, or default when it is missing or not valid JSON."""
+    """A JSON file's value, or default when it is missing, unreadable, a symlink or not valid JSON."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        text = read_text(path)
+        return default if text is None else json.loads(text)
     except (OSError, ValueError):
         return default
 
 
+def _var_json(path: str, what: str, error=BadInput):
+    """A var/ file that must be sound: its value, or None when missing; `error` names the file otherwise."""
+    try:
+        text = read_text(path)
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: cannot read {what}: {getattr(exc, 'strerror', None) or exc}") from None
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise error(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
 def read_kept(home: Home) -> dict:
-    """var/kept.json: experiment id -> {variant, run_id, kept_at, revert, path}; {} when there is none."""
-    return read_json(home.kept, {}) or {}
+    """var/kept.json: experiment id -> {variant, run_id, kept_at, revert, path}; {} when there is none.
+
+    BadInput when it is damaged: a kept variant must never be forgotten by reading garbage as empty.
+    """
+    kept = _var_json(home.kept, "the kept variants")
+    if kept is None:
+        return {}
+    if not isinstance(kept, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("variant"), str)
+                                             for entry in kept.values()):
+        raise BadInput(f"{home.kept}: expected an object of experiment id -> {{\"variant\": ...}}; fix it (or "
+                       "check what is applied and delete it)")
+    return kept
+
+
+def read_journal(home: Home):
+    """var/applied.json: the variant a run applied and has not reverted yet, or None.
+
+    RevertFailed when it is damaged: what is applied is then unknown, and no run may start.
+    """
+    advice = "check what is applied, revert by hand, then delete it"
+    entry = _var_json(home.journal, "the journal", RevertFailed)
+    if entry is None:
+        return None
+    if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("revert", "path"))):
+        raise RevertFailed(f"{home.journal}: not a journal entry (it needs revert and path); {advice}")
+    return entry
 
 
 class HomeLock:
@@ -1827,32 +2025,72 @@ class HomeLock:
 
     def __init__(self, var: str):
         self.path = os.path.join(var, "lock")
-        self.handle = None
+        self.fd = None
 
     def __enter__(self):
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            handle = open(self.path, "a+", encoding="utf-8")
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise WorkFailed(f"{self.path}: cannot open the lock: {exc.strerror or exc}") from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
             raise LockHeld(f"another run holds the lock {self.path} (pid {holder}); try again when it ends") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self.handle = handle
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise WorkFailed(f"{self.path}: cannot write the lock: {exc.strerror or exc}") from None
+        self.fd = fd
         return self
 
     def __exit__(self, *exc):
         with contextlib.suppress(OSError):
-            self.handle.truncate(0)
-        self.handle.close()
+            os.ftruncate(self.fd, 0)
+        os.close(self.fd)
+
+
+def lock_holder(var: str):
+    """The pid of the run that holds var/lock, or None when no run holds it."""
+    try:
+        fd = open_nofollow(os.path.join(var, "lock"))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
+def run_as_owner(home_root: str) -> None:
+    """Started as root on a home whose var/ belongs to someone else: become that user before reading
+    anything, so that a root invocation can do no more than the owner of var/ can."""
+    if os.geteuid() != 0:
+        return
+    var = os.path.join(home_root, "var")
+    try:
+        info = os.lstat(var)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BadInput(f"{var}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise BadInput(f"{var} is a symbolic link; refusing to run as root on it")
+    if info.st_uid == 0:
+        return
+    try:
+        owner = pwd.getpwuid(info.st_uid)
+    except KeyError:
+        raise BadInput(f"{var} belongs to uid {info.st_uid}, who has no account; run as that user, not root") from None
+    os.initgroups(owner.pw_name, owner.pw_gid)
+    os.setgid(owner.pw_gid)
+    os.setuid(owner.pw_uid)
 
 
 ###### Commands: the one place that runs a shell command ######
@@ -1880,9 +2118,10 @@ def run_command(command: str, cwd: str, timeout: float, env=None, should_stop=No
                 stdout_only=False) -> CommandResult:
     """Run a shell command in its own process group; kill the whole group when it overruns.
 
-    With should_stop, the command is also killed as soon as should_stop() turns true.  The
-    output is stdout and stderr together, or with stdout_only stdout alone (stderr then goes
-    to the result's `errors`).
+    With should_stop, the command is also killed as soon as should_stop() turns true.  When the
+    command ends, whatever it left running in its process group is killed too (a daemon that
+    started a session of its own is not).  The output is stdout and stderr together, or with
+    stdout_only stdout alone (stderr then goes to the result's `errors`).
     """
     started = time.monotonic()
     try:
@@ -1910,9 +2149,45 @@ def run_command(command: str, cwd: str, timeout: float, env=None, should_stop=No
         _kill_group(child)
         child.wait()
         raise
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)     # what it left running in its group must not act later
     result = CommandResult(command, child.returncode, _cut(output), time.monotonic() - started, timed_out)
     result.errors = _cut(errors)
     return result
+
+
+MARK = "SMART_COMMAND"    # environment variable naming the journal's command in flight (see stop_marked)
+
+
+def stop_marked(token: str, wait: float = 5.0) -> list:
+    """SIGKILL every process whose environment carries MARK=token (a command a dead run left running,
+    and what it started), and wait until they are gone; their pids."""
+    needle = f"{MARK}={token}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if needle in handle.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in found):
+        time.sleep(0.02)
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _cut(raw) -> str:
@@ -1944,26 +2219,33 @@ class Log:
         self.out = sys.stdout if out is None else out
         self.handle = None
         self.waiting = []
+        self.lost = None             # why run.log stopped taking lines (a full disk), once it did
 
     def __call__(self, message: str, level: str = "info") -> None:
         line = f"{utc_now()} {message}"
-        if self.handle is not None:
-            self.handle.write(line + "\n")
-            self.handle.flush()
-        else:
+        if self.handle is not None and self.lost is None:
+            try:
+                self.handle.write(line + "\n")
+                self.handle.flush()
+            except OSError as exc:       # a full disk must not stop a revert: the journal still gets it
+                self.lost = exc.strerror or str(exc)
+                emit(f"warning: run.log takes no more lines ({self.lost})", sys.stderr, "warning")
+        elif self.handle is None:
             self.waiting.append(line)
         emit(line, self.out, level)
 
     def attach(self, path: str) -> None:
         """Write the lines to path from now on, starting with those that waited."""
-        self.handle = open(path, "a", encoding="utf-8")
+        self.handle = open(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+        self.lost = None
         for line in self.waiting:
             self.handle.write(line + "\n")
         self.waiting.clear()
 
     def detach(self) -> None:
         if self.handle is not None:
-            self.handle.close()
+            with contextlib.suppress(OSError):
+                self.handle.close()
             self.handle = None
 
     def command(self, what: str, result: CommandResult) -> None:
@@ -2033,7 +2315,8 @@ class RunRecord:
             "run_id": run_id, "experiment": experiment.id, "description": experiment.description,
             "kept_variant": None, "metrics": None, "status": "running", "phase": "starting",
             "started_at": utc_now(), "finished_at": None, "host": socket.gethostname(),
-            "version": __version__, "design": None, "variants": [], "current": None, "reason": None,
+            "version": __version__, "pid": os.getpid(), "design": None, "variants": [], "current": None,
+            "reason": None,
             "stopped_early": None, "defined_variants": [v["name"] for v in experiment.variants], "coach": None,
         }
         return cls(home, log, command, run_id, run_dir, state)
@@ -2059,11 +2342,15 @@ class RunRecord:
         if record["stopped_early"]:
             self.state["stopped_early"] = f"{record['name']}: {record['stopped_early']}"
 
-    def write_journal(self, experiment: Experiment, variant: str) -> None:
-        """var/applied.json: what is about to be applied, so that a crashed run's successor reverts it."""
+    def write_journal(self, experiment: Experiment, variant: str, in_flight=None) -> None:
+        """var/applied.json: what is applied (or about to be), so that a crashed run's successor reverts it.
+
+        `in_flight` marks the apply or revert command running now (its processes carry it in their
+        environment): a successor stops what is left of it before it reverts.
+        """
         write_json(self.home.journal, {
             "run_id": self.run_id, "experiment": experiment.id, "path": experiment.path, "variant": variant,
-            "revert": experiment.revert, "pid": os.getpid(), "written_at": utc_now()})
+            "revert": experiment.revert, "pid": os.getpid(), "in_flight": in_flight, "written_at": utc_now()})
 
     def clear_journal(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -2084,10 +2371,13 @@ class StopFlag:
     def __bool__(self):
         return self.signal_name is not None
 
-    def install(self):
+    def install(self, early=()):
+        """Catch SIGTERM and SIGINT from now on (and count those in `early`); returns what undoes it."""
         def handler(signum, frame):
             self.signal_name = signal.Signals(signum).name
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for signum in early:
+            handler(signum, None)
         return lambda: [signal.signal(sig, old) for sig, old in previous.items()]
 
     def check(self):
@@ -2193,35 +2483,63 @@ class Runner:
         return 1 if failed else 0
 
     def recover(self) -> dict | None:
-        """Revert what an interrupted run left applied (var/applied.json); RevertFailed if that fails."""
-        entry = read_json(self.home.journal)
+        """Revert what an interrupted run left applied (var/applied.json) and close that run's record.
+
+        What is left of the command the dead run had in flight is stopped first, so that it cannot
+        apply its variant after the revert.  A run that died with nothing applied is closed too.
+        RevertFailed if the revert fails or the journal is damaged.
+        """
+        entry = read_journal(self.home)
         if entry is None:
-            if os.path.exists(self.home.journal):
-                raise RevertFailed(f"{self.home.journal}: unreadable journal; check what is applied, "
-                                   "revert by hand, then delete it")
+            self._close_dead_run(None)
             return None
         self.log(f"recovering: run {entry.get('run_id')} left {entry.get('experiment')}/{entry.get('variant')} "
                  f"applied (pid {entry.get('pid')}); reverting it first")
+        if isinstance(entry.get("in_flight"), str):
+            stopped = stop_marked(entry["in_flight"])
+            if stopped:
+                self.log(f"recovering: stopped what was left of its last command (pids {' '.join(map(str, stopped))})")
         result = self.command("recover revert", entry["revert"], entry["path"])
         if not result.ok:
             raise RevertFailed(f"recovery revert of {entry.get('experiment')}/{entry.get('variant')} "
                                f"{result.describe()}; fix it by hand, then run 'smart.py recover'")
+        self._forget_unfinished_keep(entry)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.home.journal)
-        self._close_interrupted_run(entry)
+        self._close_dead_run(entry)
         return entry
 
-    def _close_interrupted_run(self, entry: dict) -> None:
+    def _forget_unfinished_keep(self, entry: dict) -> None:
+        """A run killed inside its keep wrote kept.json before it cleared the journal: that keep is undone."""
+        kept = read_kept(self.home)
+        mine = kept.get(entry.get("experiment"))
+        if mine and mine.get("variant") == entry.get("variant") and mine.get("run_id") == entry.get("run_id"):
+            del kept[entry["experiment"]]
+            write_json(self.home.kept, kept)
+            self.log(f"recovering: {entry['experiment']}/{entry['variant']} was being kept when the run stopped; "
+                     "it is reverted and not kept")
+
+    def _close_dead_run(self, entry) -> None:
+        """state.json of a run that died (this process holds the lock, so it is no longer running)."""
         state = read_json(self.home.state)
-        if isinstance(state, dict) and state.get("run_id") == entry.get("run_id") and state.get("status") == "failed":
+        if not isinstance(state, dict):
+            return
+        ours = entry is not None and state.get("run_id") == entry.get("run_id")
+        if ours and state.get("status") == "failed":
             state.update(recovered_at=utc_now(), updated_at=utc_now())     # the failed revert is now done
             write_json(self.home.state, state)
-        if isinstance(state, dict) and state.get("run_id") == entry.get("run_id") and state.get("status") == "running":
-            state.update(status="interrupted", phase="recovered",
-                         reason=f"the run stopped while {entry.get('variant')} was applied; "
-                                f"reverted by recovery at {utc_now()}", current=None, updated_at=utc_now())
-            write_json(self.home.state, state)
-            self.append_history(state)
+        if state.get("status") != "running":
+            return
+        if ours:
+            reason = f"the run stopped while {entry.get('variant')} was applied; reverted by recovery at {utc_now()}"
+            if state.get("kept_variant") == entry.get("variant"):
+                state["kept_variant"] = None
+        else:
+            reason = f"the run (pid {state.get('pid')}) stopped with nothing applied; closed by recovery at {utc_now()}"
+        state.update(status="interrupted", phase="recovered", reason=reason, current=None, updated_at=utc_now())
+        write_json(self.home.state, state)
+        self.append_history(state)
+        self.log(f"recovering: run {state.get('run_id')} closed as interrupted: {reason}")
 
     def revert_kept(self, experiment: Experiment) -> bool:
         """Run the revert of the experiment's kept variant and forget it; RevertFailed if that fails."""
@@ -2311,7 +2629,7 @@ class Runner:
         record.save(status=status, phase="finished", finished_at=utc_now(), current=None,
                     reason=reason or record.state.get("reason"))
         self.append_history(record.state)
-        self.rotate_runs()
+        self.rotate_runs(record.run_id)
         publish_dashboard(self.home, running=False)
         self.log(f"finished: status {status}, kept {record.state['kept_variant'] or 'nothing'}")
 
@@ -2335,13 +2653,20 @@ class Runner:
     def append_history(self, state: dict) -> None:
         entry = {key: state.get(key) for key in HISTORY_KEYS}
         entry["variants"] = [{key: v.get(key) for key in HISTORY_VARIANT_KEYS} for v in state.get("variants", [])]
-        with open(self.home.history, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        append_line(self.home.history, json.dumps(entry))
 
-    def rotate_runs(self) -> None:
-        """Remove the oldest run folders beyond KEEP_RUNS."""
-        runs = sorted(e for e in os.listdir(self.home.runs) if os.path.isdir(os.path.join(self.home.runs, e)))
-        for old in runs[: max(0, len(runs) - self.settings["KEEP_RUNS"])]:
+    def rotate_runs(self, current: str) -> None:
+        """Remove the run folders that finished longest ago beyond KEEP_RUNS, never the current run's.
+
+        The order is history.jsonl's, the order the runs finished in, not their names: a clock
+        stepped back gives a new run a name that sorts first.  Folders the history does not know
+        go first.
+        """
+        folders = {e for e in os.listdir(self.home.runs) if os.path.isdir(os.path.join(self.home.runs, e))}
+        finished = list(dict.fromkeys(entry.get("run_id") for entry in reversed(list(_history(self.home)))))[::-1]
+        known = [run_id for run_id in finished if run_id in folders and run_id != current]
+        ranked = sorted(folders - set(known) - {current}) + known
+        for old in ranked[: max(0, len(ranked) + 1 - self.settings["KEEP_RUNS"])]:
             shutil.rmtree(os.path.join(self.home.runs, old), ignore_errors=True)
 
 
@@ -2371,10 +2696,20 @@ class Trial:
     def guard(self) -> "Guard":
         return Guard(self.reference, self.thresholds, self.clock)
 
+    def check_health(self, arm=None) -> None:
+        """Unhealthy unless the baseline answers mostly successes: a short probe (or the arm given)."""
+        if arm is None:
+            arm = Arm()
+            self.measure("health", HEALTH_SECONDS, arm, step="health check")
+        problem = unhealthy(arm, self.experiment.target_url)
+        if problem:
+            raise Unhealthy(f"the baseline is not healthy, so no variant was tried: {problem}")
+
     # -- the two designs --
     def run(self) -> None:
         self.record.save(design=self.schedule.design)
         self.switch.to(self.experiment.baseline)
+        self.check_health()
         if self.schedule.design == "switchback":
             self.run_switchback()
         else:
@@ -2383,6 +2718,7 @@ class Trial:
     def run_sequential(self) -> None:
         baseline = Arm()
         self.measure("baseline", self.schedule.baseline_seconds, baseline)
+        self.check_health(baseline)
         self.reference = baseline
         for variant in self.experiment.candidates:
             self.stop.check()
@@ -2467,8 +2803,10 @@ class Trial:
         """Apply a variant by name and keep it only when a short check against the baseline finds no harm."""
         self.record.save(design="apply")
         self.switch.to(self.experiment.baseline)
+        self.check_health()
         baseline = Arm()
         self.measure("baseline", self.verify_seconds, baseline)
+        self.check_health(baseline)
         self.reference = baseline
         self.record_outcome(variant, self.attempt(variant, lambda: self.verify_variant(variant, baseline)))
 
@@ -2561,6 +2899,27 @@ class Trial:
 
 
 FIRST_LOOK_PAIR = 3     # the switchback design's sequential stop looks after each pair from this one on
+HEALTH_SECONDS = 1.0    # the probe of the baseline before anything is tried
+
+
+def unhealthy(arm: Arm, url=None):
+    """Why an arm's answers are mostly failures (no answer, 4xx, 5xx, a failed check), or None when they
+    are not; `url` names the one URL of rows that carry none."""
+    if arm.total == 0:
+        return f"{url or 'the target'} gave no answer to measure"
+    by_url = collections.defaultdict(collections.Counter)
+    for (label, code), count in arm.answers.items():
+        by_url[label][code] += count
+    for label, answers in sorted(by_url.items(), key=lambda item: str(item[0])):
+        total = sum(answers.values())
+        bad = collections.Counter({code: n for code, n in answers.items() if is_failure(code) or code >= 400})
+        if 2 * sum(bad.values()) > total:
+            code, count = bad.most_common(1)[0]
+            what = "no answer (refused, reset or timed out)" if code == 0 else f"{code}"
+            return f"{label or url or 'the target'} answered {what} to {count} of {total} requests"
+    if 2 * arm.errors > arm.total:
+        return f"{arm.errors} of {arm.total} requests failed their check"
+    return None
 
 
 def balanced_orders(rng: random.Random, pairs: int) -> list:
@@ -2587,6 +2946,11 @@ def harm_found(result: Verdict, base: Arm, var: Arm, thresholds: Thresholds):
 
 ###### Switching: apply and revert, the journal before every apply ######
 
+def marked(token: str) -> dict:
+    """The environment of a journaled command: this process's, with MARK=token."""
+    return dict(os.environ, **{MARK: token})
+
+
 class Switcher:
     """Switches one experiment between its baseline and its variants inside a run.
 
@@ -2610,10 +2974,12 @@ class Switcher:
             self.record.log(f"{name}: nothing to apply")
             return
         self.record.log(f"about to apply {name}: {command}")
-        self.record.write_journal(self.experiment, name)
+        token = secrets.token_hex(8)
+        self.record.write_journal(self.experiment, name, in_flight=token)
         self.applied = name
         self.record.phase(f"applying {name}", {"variant": name, "step": "applying"})
-        result = self.record.command(f"apply {name}", command, self.experiment.path)
+        result = self.record.command(f"apply {name}", command, self.experiment.path, env=marked(token))
+        self.record.write_journal(self.experiment, name)
         self.stop.check()
         if not result.ok:
             raise (WorkFailed if is_baseline else ApplyFailed)(f"apply of {name} {result.describe()}")
@@ -2622,12 +2988,20 @@ class Switcher:
             self.applied = None
 
     def back(self) -> None:
-        """Run the experiment's revert for the applied variant; RevertFailed leaves the journal in place."""
+        """Run the experiment's revert for the applied variant; RevertFailed leaves the journal in place.
+
+        The revert runs even when nothing can be recorded (a full disk): the run's end says so on
+        stderr, and the next run's recovery closes the record.
+        """
         if self.applied is None:
             return
         name = self.applied
-        self.record.phase(f"reverting {name}", {"variant": name, "step": "reverting"})
-        result = self.record.command(f"revert {name}", self.experiment.revert, self.experiment.path)
+        token = secrets.token_hex(8)
+        with contextlib.suppress(OSError):
+            self.record.write_journal(self.experiment, name, in_flight=token)
+            self.record.phase(f"reverting {name}", {"variant": name, "step": "reverting"})
+        result = self.record.command(f"revert {name}", self.experiment.revert, self.experiment.path,
+                                     env=marked(token))
         if not result.ok:
             self.revert_failed = True
             raise RevertFailed(f"revert of {name} {result.describe()}; the journal var/applied.json stays "
@@ -2718,18 +3092,17 @@ class Measurer:
             shape["interval"] = experiment.interval or 1.0
         target = Target(experiment.target_url, spec.get("method", "GET"), spec.get("headers", []),
                         bool(spec.get("insecure")))
-        with self.csv_file(path) as handle:
+        with self.csv_file(path, block) as handle:
             result = Prober(target, seconds, handle, on_row=on_row, should_stop=should_stop, block=block,
                             **{k: v for k, v in shape.items() if v is not None}).run()
         self.record.log(f"measured {variant}: {result.rows} requests, {result.errors} errors"
                         + (", stopped early" if result.stopped_early else ""))
 
-    def csv_file(self, path: str):
+    def csv_file(self, path: str, block):
         """A measurement CSV opened for appending (blocks add to it); the header written once."""
-        handle = open(path, "a", encoding="utf-8", newline="")
+        handle = open(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8", newline="")
         if handle.tell() == 0:
-            handle.write("timestamp,latency_ms,response_code"
-                         + (",block" if self.schedule.design == "switchback" else "") + "\n")
+            handle.write("timestamp,latency_ms,response_code" + (",block" if block is not None else "") + "\n")
         return handle
 
     def script(self, path: str, seconds: float, block, on_row) -> None:
@@ -2750,7 +3123,7 @@ class Measurer:
             raise MeasureFailed(f"measure.sh wrote a bad CSV (kept for a look): {exc}") from None
         os.unlink(scratch)
         suffix = "" if block is None else f",{block}"
-        with self.csv_file(path) as handle:
+        with self.csv_file(path, block) as handle:
             for stamp, latency, code in rows:
                 handle.write(f"{stamp},{latency:.3f},{code}{suffix}\n")
                 on_row(latency, code, _epoch(stamp))
@@ -2760,14 +3133,18 @@ def _csv_rows(path: str):
     """(timestamp, latency_ms, code) of each row of a measurement CSV, checked as read_measurements does."""
     read_measurements(path)
     with open(path, encoding="utf-8-sig", newline="") as handle:
+        layout = None
         for number, line in enumerate(handle, 1):
-            if (number == 1 and _HEADER.match(line)) or not line.strip():
+            if number == 1 and csv_layout(line.strip()):
+                layout = csv_layout(line.strip())
+                continue
+            if not line.strip():
                 continue
             try:
-                latency, code, _ = _parse_row(line)
+                stamp, latency, code, _, _, _ = _parse_row(line, layout)
             except ValueError:
                 continue
-            yield line.split(",")[0].strip(), latency, code
+            yield stamp, latency, code
 
 
 GUARD_CONFIDENCE = 0.999
@@ -2792,10 +3169,16 @@ class Guard:
         self.checked = None
         self.reason = None
         self.limit_for = (None, None)     # (reference size, GUARD_FACTOR x its p99): sorted once per size
+        self.usual_for = (None, {})       # (reference size, its usual status per URL)
 
-    def add(self, latency_ms: float, code: int) -> None:
+    def add(self, latency_ms: float, code: int, url=None, check: str = "") -> None:
+        """One row of the variant: a failure when verdict() would count it one (judged against the
+        reference's usual status per URL)."""
         self.total += 1
-        if is_failure(code):
+        if self.usual_for[0] != self.reference.total:
+            self.usual_for = (self.reference.total, self.reference.usual_status())
+        expected = self.usual_for[1].get(url)
+        if is_failure(code) or check or (expected is not None and code != expected):
             self.errors += 1
         else:
             bisect.insort(self.latencies, latency_ms)
@@ -2874,14 +3257,20 @@ def decisive(base: Arm, var: Arm, thresholds: Thresholds, fraction: float):
 def _history(home: Home):
     """The entries of var/history.jsonl, oldest first; a damaged line is passed over."""
     try:
-        with open(home.history, encoding="utf-8") as handle:
+        fd = open_nofollow(home.history)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BadInput(f"{home.history}: cannot read the run history: {exc.strerror or exc}") from None
+    try:
+        with open(fd, encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 with contextlib.suppress(ValueError):
                     entry = json.loads(line)
                     if isinstance(entry, dict):
                         yield entry
-    except FileNotFoundError:
-        return
+    except OSError as exc:
+        raise BadInput(f"{home.history}: cannot read the run history: {exc.strerror or exc}") from None
 
 
 def publish_dashboard(home: Home, history_runs: int = 200, running=None) -> None:
@@ -2908,17 +3297,6 @@ def _age_minutes(stamp):
     return (datetime.now(timezone.utc) - moment).total_seconds() / 60
 
 
-def _lock_held(home: Home) -> bool:
-    try:
-        with open(os.path.join(home.var, "lock"), "a+", encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
-
 def next_timer_run():
     """When the systemd timer fires next, or None where there is no such timer."""
     if not shutil.which("systemctl"):
@@ -2935,12 +3313,21 @@ def collect_status(home: Home, runs: int = 10, running=None, history=None) -> di
     own context.md at its end passes False: what it leaves behind is what counts).  `history`
     spares a caller that has read var/history.jsonl already a second read.
     """
+    attention = []
+
+    def sound(read, fallback):
+        try:
+            return read()
+        except SmartError as exc:       # a damaged file is itself what needs attention
+            attention.append(str(exc))
+            return fallback
+
     state = read_json(home.state)
     state = state if isinstance(state, dict) else None
-    history = list(_history(home)) if history is None else history
-    kept = read_kept(home)
-    journal = read_json(home.journal)
-    running = _lock_held(home) if running is None else running
+    history = sound(lambda: list(_history(home)), []) if history is None else history
+    kept = sound(lambda: read_kept(home), {})
+    journal = sound(lambda: read_journal(home), None)
+    running = lock_holder(home.var) is not None if running is None else running
     applied = {experiment: {"variant": entry.get("variant"), "since": entry.get("kept_at"),
                             "run_id": entry.get("run_id"), "kept": True}
                for experiment, entry in kept.items() if isinstance(entry, dict)}
@@ -2950,12 +3337,9 @@ def collect_status(home: Home, runs: int = 10, running=None, history=None) -> di
     last = {}
     for entry in history:
         last[entry.get("experiment")] = entry
-    attention = []
     if isinstance(journal, dict) and not running:
         attention.append(f"{journal.get('experiment')}/{journal.get('variant')} is left applied by run "
                          f"{journal.get('run_id')} and not kept: run 'smart.py recover'")
-    elif os.path.exists(home.journal) and journal is None:
-        attention.append(f"{home.journal} is unreadable: check what is applied, then delete it")
     if state and state.get("status") == "failed" and not state.get("recovered_at"):
         attention.append(f"run {state.get('run_id')} failed: {state.get('reason')}")
     if state and state.get("status") == "running" and not running:
@@ -3476,12 +3860,16 @@ def doctor_checks(home: Home, settings: dict):
 
     check("python", sys.version_info >= (3, 11), f"{sys.version.split()[0]} at {sys.executable}",
           "install Python 3.11 or newer")
+    var_owner = _owner(home.var) if os.path.isdir(home.var) else "smart"
+    smart_py = (f"{'' if var_owner == 'root' else f'sudo -u {var_owner} '}python3 {os.path.abspath(__file__)} "
+                f"--home {home.root}")
     owner = _owner(home.root)
     check("home", os.path.isdir(home.root), f"{home.root} owned by {owner}", "sudo deploy/install.sh")
     writable = os.access(home.var, os.W_OK) if os.path.isdir(home.var) else os.access(home.root, os.W_OK)
     check("var writable", writable, f"{home.var} by {_user()}", f"sudo chown -R smart:smart {home.var}")
     check("dashboard page", os.path.isfile(os.path.join(home.www(), "index.html")),
           os.path.join(home.www(), "index.html"), "sudo deploy/install.sh (it installs www/)")
+    experiments = []
     try:
         experiments = find_experiments(home.root, [])
         check("experiments", experiments, f"{len(experiments)} found: " + ", ".join(e.id for e in experiments),
@@ -3499,9 +3887,13 @@ def doctor_checks(home: Home, settings: dict):
               f"journalctl -u {SERVICE_UNIT} -n 50")
     else:
         check("timer", False, "no systemd here: nothing runs smart.py on a schedule",
-              f"crontab -u smart -e, add: */30 * * * * python3 {os.path.abspath(__file__)} --home {home.root} run")
+              f"crontab -u {var_owner} -e, add: */30 * * * * python3 {os.path.abspath(__file__)} --home {home.root} run")
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     check("nginx", nginx, nginx or "not installed", "sudo apt-get install -y nginx")
+    if nginx:
+        running = _probe("pgrep -x nginx").ok
+        check("nginx running", running, "a master process is running" if running else "no nginx process",
+              "sudo systemctl start nginx" if systemd else "sudo nginx")
     if os.geteuid() == 0 and nginx:
         result = _probe(f"{nginx} -t")
         check("nginx -t", result.ok, result.output.strip().splitlines()[-1] if result.output.strip() else
@@ -3517,9 +3909,16 @@ def doctor_checks(home: Home, settings: dict):
             result = _probe(f"visudo -cf {SUDOERS}")
             check("sudoers", result.ok, f"{SUDOERS}: {result.output.strip() or result.describe()}",
                   "sudo deploy/install.sh")
-    free = shutil.disk_usage(home.var if os.path.isdir(home.var) else home.root).free
+    where = next(path for path in (home.var, home.root, os.path.dirname(home.root) or "/", "/") if os.path.isdir(path))
+    free = shutil.disk_usage(where).free
     check("free disk", free >= 500 * 2 ** 20, f"{free / 2 ** 30:.1f} GiB free for var/",
           f"free space, or lower KEEP_RUNS (now {settings['KEEP_RUNS']})")
+    for experiment in experiments:
+        if experiment.target_url and not experiment.measure_sh:
+            answered = probe_target(experiment)
+            check(f"target of {experiment.id}", answered.startswith("answered 2") or answered.startswith("answered 3"),
+                  f"{experiment.target_url} {answered}",
+                  "start the site (the baseline of a run must be healthy), or fix target_url in its meta.json")
     status = collect_status(home)
     state = read_json(home.state)
     if isinstance(state, dict):
@@ -3527,15 +3926,35 @@ def doctor_checks(home: Home, settings: dict):
                    if a is not None] or [0])
         check("state.json age", age <= 60 or status["running"], f"updated {age:.0f} minutes ago",
               f"systemctl status {TIMER_UNIT}; journalctl -u {SERVICE_UNIT}")
-        check("last run", state.get("status") in ("done", "running"),
+        failed = state.get("status") == "failed" and not state.get("recovered_at")
+        check("last run", not failed,
               f"run {state.get('run_id')} {state.get('status')}" + (f": {state.get('reason')}" if state.get("reason") else ""),
-              f"python3 {os.path.abspath(__file__)} status; read var/runs/{state.get('run_id')}/run.log")
+              f"{smart_py} status; read var/runs/{state.get('run_id')}/run.log")
     else:
         check("state.json", True, "no run yet (the dashboard shows 'no data yet')")
     for text in status["attention"]:
         if "left applied" in text or "died" in text:
-            check("left applied", False, text, f"python3 {os.path.abspath(__file__)} recover")
+            check("left applied", False, text, f"{smart_py} recover")
+        elif "cannot read" in text or "not valid" in text or "not a journal" in text or "expected an object" in text:
+            check("var files", False, text, "fix or remove the file named, after checking what is applied")
     return checks
+
+
+def probe_target(experiment: Experiment) -> str:
+    """What the experiment's target answers to one request now: 'answered 200', or why it did not."""
+    codes = []
+    spec = experiment.measure
+    try:
+        target = Target(experiment.target_url, spec.get("method", "GET"), spec.get("headers", []),
+                        bool(spec.get("insecure")))
+        with open(os.devnull, "w", encoding="utf-8") as sink:
+            Prober(target, 0.001, sink, interval=1.0, timeout=min(5.0, spec.get("timeout", 5.0)),
+                   on_row=lambda latency, code, at: codes.append(code)).run()
+    except (BadInput, OSError) as exc:
+        return f"could not be probed: {exc}"
+    if not codes or codes[0] == 0:
+        return "did not answer (down, refused or timed out)"
+    return f"answered {codes[0]}"
 
 
 def _owner(path: str) -> str:
@@ -3598,7 +4017,7 @@ def cmd_run(args, settings) -> int:
     if args.dry_run:
         print(format_plan(experiments, settings))
         return 0
-    runner = Runner(home, settings)
+    runner = Runner(home, settings, stop=args.stop)
     return runner.run(experiments) if args.experiments else runner.run_rotation(experiments)
 
 
@@ -3642,14 +4061,14 @@ def cmd_apply(args, settings) -> int:
     """apply EXPERIMENT VARIANT: apply a known variant, verify it against the baseline, revert on harm."""
     home = Home(args.home)
     experiment = find_experiments(home.root, [args.experiment])[0]
-    return Runner(home, settings).apply(experiment, args.variant)
+    return Runner(home, settings, stop=args.stop).apply(experiment, args.variant)
 
 
 def cmd_revert(args, settings) -> int:
     """revert EXPERIMENT: revert its kept variant (the experiment is tried again by the next run)."""
     home = Home(args.home)
     experiment = find_experiments(home.root, [args.experiment])[0]
-    code = Runner(home, settings).revert_experiment(experiment)
+    code = Runner(home, settings, stop=args.stop).revert_experiment(experiment)
     publish_dashboard(home)
     return code
 
@@ -3658,7 +4077,7 @@ def cmd_recover(args, settings) -> int:
     """recover: revert what an interrupted run left applied."""
     home = Home(args.home)
     os.makedirs(home.var, exist_ok=True)
-    runner = Runner(home, settings)
+    runner = Runner(home, settings, stop=args.stop)
     with HomeLock(home.var):
         entry = runner.recover()
     if entry is None:
@@ -3847,13 +4266,33 @@ def resolve_home(args, environ=None) -> str:
     return os.path.abspath(home)
 
 
+STOPPABLE = {"run", "apply", "revert", "recover", "measure"}    # commands that stop cleanly on SIGTERM/SIGINT
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv=None) -> int:
     """Parse argv, run the command; the one place that turns errors into messages and exit codes."""
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "--verbose" in argv
+    early = globals().get("EARLY_SIGNALS")
+    stop = StopFlag()
+    restore = stop.install(early or ())
+    if early is not None:          # after main's own handling comes Python's, not the early notes
+        restore = _default_signals
     try:
+        stop.check()
         args = build_parser().parse_args(argv)
+        if args.command not in STOPPABLE:     # these end on a signal the usual way (serve, demo: Ctrl-C)
+            restore()
+            restore = list
+            stop.check()
         args.home = resolve_home(args)
+        run_as_owner(args.home)
+        args.stop = stop
         config = getattr(args, "config", None)
         overrides = {key: getattr(args, key, None) for key in SETTINGS}
         settings = load_settings(config or os.path.join(args.home, "smart.conf"),
@@ -3870,6 +4309,12 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as exc:        # a fault no check foresaw (a full disk, a file in place of a folder): one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        emit(f"error: {where}{exc.strerror or exc}", sys.stderr, "error")
+        return 1
+    finally:
+        restore()
 
 
 if __name__ == "__main__":
