@@ -19,6 +19,16 @@ from stack import ADMIN_NAME, STATIC_PATH, Stack, StackError  # noqa: E402
 GENERATOR = b'<meta name="generator" content="WordPress 6.'
 PROBE = ("<?php echo php_ini_loaded_file(), ' ', ini_get('realpath_cache_size'), ' ',"
          " ini_get('opcache.enable') ? 'on' : 'off';\n")
+CACHE_DROP_IN = """# conf.d/smart.conf: a test's drop-in (tests/test_stack.py)
+fastcgi_cache_path {cache} levels=1:2 keys_zone=test:1m max_size=16m inactive=1m use_temp_path=off;
+map $http_cookie $test_skip_cache {{ default 0; ~*wordpress_logged_in_ 1; }}
+fastcgi_cache test;
+fastcgi_cache_key $scheme$request_method$host$request_uri;
+fastcgi_cache_valid 200 1m;
+fastcgi_cache_bypass $test_skip_cache;
+fastcgi_no_cache $test_skip_cache;
+add_header X-Cache $upstream_cache_status;
+"""
 
 
 def alive(pid) -> bool:
@@ -155,6 +165,35 @@ class StackTest(unittest.TestCase):
         self.addCleanup(os.remove, drop_in)
         s.reload_php()
         self.assertEqual(self.get_ok("/stack-probe.php")[1], f"{s.php_ini} 8M off".encode())
+
+    def test_a_later_pool_file_overrides_www_conf(self):
+        # what an experiment's pool.d/zz-*.conf relies on: php-fpm merges sections of the same name, the
+        # file read last (include's glob is sorted) winning, and [global] is accepted there too
+        drop_in = os.path.join(self.stack.php_pool_d, "zz-smart.conf")
+        with open(drop_in, "w") as handle:
+            handle.write("; a test's drop-in (tests/test_stack.py)\n[global]\nprocess_control_timeout = 10s\n\n"
+                         "[www]\npm = static\npm.max_children = 4\n")
+        self.addCleanup(os.remove, drop_in)
+        ok, output = self.stack.php_test(dump=True)
+        self.assertTrue(ok, output)
+        self.assertEqual(output.count("NOTICE: [www]"), 1)
+        for setting in ("process_control_timeout = 10s", "pm = static", "pm.max_children = 4"):
+            self.assertIn(f"\t{setting}\n", output)
+
+    def test_an_http_drop_in_caches_the_site_without_touching_it(self):
+        # what an experiment's conf.d/*.conf relies on: http-level fastcgi_cache* and maps reach the
+        # site's PHP location by inheritance
+        drop_in = os.path.join(self.stack.nginx_conf_d, "smart.conf")
+        with open(drop_in, "w") as handle:
+            handle.write(CACHE_DROP_IN.format(cache=os.path.join(self.stack.nginx_dir, "cache")))
+        self.addCleanup(self.stack.reload_nginx)
+        self.addCleanup(os.remove, drop_in)
+        self.stack.reload_nginx()
+        seen = [self.get_ok(self.stack.article_url)[0].get("x-cache") for _ in range(2)]
+        self.assertEqual(seen, ["MISS", "HIT"])
+        headers, body = self.get_ok(self.stack.article_url, cookies=self.stack.login())
+        self.assertEqual(headers.get("x-cache"), "BYPASS")
+        self.assertIn(b'id="wpadminbar"', body)
 
     def test_php_fpm_rss_sums_the_master_and_its_workers(self):
         self.assertGreaterEqual(len(self.stack.php_workers()), 1)
