@@ -7,7 +7,8 @@ Everything lives under one temporary folder (Stack.dir) and listens on 127.0.0.1
 OS picked; MariaDB has no TCP port at all.  The files are laid out like Debian's, so that code which
 edits /etc/nginx or /etc/php/8.2/fpm on a real box can edit the same files here:
 
-    DIR/nginx/nginx.conf                 Debian 12's stock nginx.conf, with DIR for /etc/nginx, /run, /var/log
+    DIR/nginx/nginx.conf                 Debian 12's stock nginx.conf, with DIR for /etc/nginx, /run, /var/log,
+                                         plus *_temp_path lines into DIR/nginx/tmp (Debian's: /var/lib/nginx)
     DIR/nginx/conf.d/                    empty: http-context drop-ins (*.conf)
     DIR/nginx/sites-enabled/wordpress    the WordPress site: one HTTP and one HTTPS server
     DIR/nginx/{mime.types,fastcgi.conf,fastcgi_params,snippets/fastcgi-php.conf}   copies of Debian's
@@ -40,6 +41,17 @@ when it fails half-way, and an interpreter exit stops every stack still running.
 available() says whether this machine can run a stack, naming the missing package; require() turns
 that into a unittest skip, or a failure under CI=true.  The stack needs root, as on the real box:
 nginx and PHP-FPM workers run as www-data.
+
+What a started Stack offers:
+    http_url, https_url, front_url, article_url, static_url (static_file: its path on disk),
+    installed["urls"] (every post and page), ADMIN_USER / ADMIN_PASSWORD / ADMIN_NAME
+    nginx_conf, nginx_conf_d, nginx_sites_enabled, nginx_site, nginx_error_log, nginx_access_log,
+    php_fpm_conf, php_pool_d, php_pool_conf, php_ini, php_conf_d, php_scan_dirs, php_socket,
+    php_error_log, wordpress_dir, wp_config, mysql_cnf, mysql_socket ... (see _lay_out)
+    pids() masters by name; all_pids() masters and workers; nginx_workers(); php_workers()
+    reload_nginx(); reload_php(); nginx_test() and php_test(dump=False) -> (ok, output); php_env()
+    login(user, password) -> cookies; get(url, cookies=...) -> (status, headers, body)
+    php_fpm_rss() -> bytes; timings -> seconds of each start phase, of the whole start and of stop
 """
 
 from __future__ import annotations
@@ -261,14 +273,14 @@ class _Service:
     def logs(self, extra=()) -> str:
         return "\n".join(text for text in (_tail(path) for path in (self.log_path, *extra)) if text)
 
-    def stop(self, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
-        """Signal the process, wait for it, then SIGKILL whatever is left of its process group."""
+    def stop(self, timeout=STOP_TIMEOUT):
+        """SIGTERM the process, wait for it, then SIGKILL whatever is left of its process group."""
         if self.process is None:
             return
         pgid = self.process.pid
         if self.process.poll() is None:
             try:
-                self.process.send_signal(sig)
+                self.process.send_signal(signal.SIGTERM)
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
