@@ -3605,7 +3605,7 @@ def parse_coach_reply(raw: bytes, state: dict, public: str, ollama: bool) -> dic
     dropped = sorted(set(reply) - {"advice", "next_variant", "confidence"})
     text = reply.get("advice")
     if isinstance(text, str):
-        advice["advice"] = text[:COACH_ADVICE_LIMIT]
+        advice["advice"] = printable(text)[:COACH_ADVICE_LIMIT]
     elif text is not None:
         dropped.append("advice (not text)")
     confidence = reply.get("confidence")
@@ -3762,13 +3762,15 @@ class DemoTarget(_QuietServer):
 
     plain: each page waits 20 ms on a simulated backend; cached: pages come from memory;
     slow: 45 ms; broken: like plain, and one request in four fails with 503; failing: one in
-    two fails; stalled: every page takes a second.  The demo's variants switch modes by writing
-    that file, as a real experiment edits a config.
+    two fails; stalled: every page takes a second; missing and forbidden: every page is a fast
+    404 or 403 (a variant that broke routing).  The demo's variants switch modes by writing that
+    file, as a real experiment edits a config.
     """
 
-    # mode: (seconds each page waits, every how many requests one fails with 503, 0 = none)
-    MODES = {"plain": (0.020, 0), "cached": (0.0, 0), "slow": (0.045, 0), "broken": (0.020, 4),
-             "failing": (0.020, 2), "stalled": (1.0, 0)}
+    # mode: (seconds each page waits, every how many requests one fails with 503 (0: none), status)
+    MODES = {"plain": (0.020, 0, 200), "cached": (0.0, 0, 200), "slow": (0.045, 0, 200), "broken": (0.020, 4, 200),
+             "failing": (0.020, 2, 200), "stalled": (1.0, 0, 200), "missing": (0.0, 0, 404),
+             "forbidden": (0.0, 0, 403)}
 
     def __init__(self, mode_path: str, port: int = 0):
         self.mode_path = mode_path
@@ -3788,12 +3790,15 @@ class DemoTarget(_QuietServer):
 
         class Handler(_QuietHandler):
             def do_GET(self):
-                delay, fail_every = server.MODES[server.mode()]
+                delay, fail_every, status = server.MODES[server.mode()]
                 server.count += 1
                 if fail_every and server.count % fail_every == 0:
                     self.send_body(503, b"backend unavailable\n")
                     return
                 time.sleep(delay)
+                if status != 200:
+                    self.send_body(status, b"<html><body>no such page</body></html>\n", "text/html; charset=utf-8")
+                    return
                 self.send_body(200, b"<html><body>hello from the demo target</body></html>\n",
                                "text/html; charset=utf-8")
 
