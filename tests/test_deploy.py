@@ -877,6 +877,18 @@ class SiteTest(unittest.TestCase):
         with open(self.site) as handle:
             self.assertNotIn("default_server", handle.read())
 
+    def test_every_location_sends_the_security_headers(self):
+        # a location's add_header replaces the server's: each location must repeat all of them
+        expected = {"content-security-policy": smart.DASHBOARD_CSP, "x-content-type-options": "nosniff",
+                    "referrer-policy": "no-referrer"}
+        for path, status in (("/", 200), ("/index.html", 200), ("/state.json", 200), ("/history.json", 200),
+                             ("/runs/", 200), ("/runs/20260101T000000/run.log", 200), ("/runs", 301),
+                             ("/nothing.html", 404), ("/.shipped", 404)):
+            with self.subTest(path=path):
+                got, headers, _ = self.get(path)
+                self.assertEqual(got, status)
+                self.assertEqual({name: headers.get(name) for name in expected}, expected)
+
 
 
 # ---------------------------------------------------------------- install.sh --firewall --

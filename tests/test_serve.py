@@ -30,6 +30,7 @@ from helpers import REPO_ROOT, SMART_PY, clean_env, import_smart  # noqa: E402
 smart = import_smart()
 
 SECRET = "SECRET-c0ach-t0ken"
+NGINX_SITE = os.path.join(REPO_ROOT, "deploy", "nginx", "smart.conf")
 PAGES = [os.path.join(REPO_ROOT, "www", name) for name in ("index.html", "fleet.html")]
 
 
@@ -317,6 +318,12 @@ class HeaderTests(unittest.TestCase):
             self.assertIn(directive, smart.DASHBOARD_CSP)
         self.assertNotIn("unsafe-inline", smart.DASHBOARD_CSP)
         self.assertNotIn("unsafe-eval", smart.DASHBOARD_CSP)
+
+    def test_the_nginx_site_sends_the_same_policy(self):
+        with open(NGINX_SITE, encoding="utf-8") as handle:
+            policies = set(re.findall(r'add_header Content-Security-Policy "([^"]*)" always;', handle.read()))
+        self.assertEqual(policies, {smart.DASHBOARD_CSP})
+
 
 class ServeCommandTests(unittest.TestCase):
     """`smart.py serve --port 0 --allow-host NAME` as a process, stopped by SIGTERM."""
