@@ -96,7 +96,8 @@ stop_live_run() {   # a run by hand or by cron: SIGTERM the pid in var/lock, wai
     Find it (fuser -v $LOCK), stop it, and run this again"
     fi
     tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'smart\.py' ||
-        die "pid $pid in $LOCK is not smart.py; nothing was removed.  Stop the run yourself, then run this again"
+        die "pid $pid in $LOCK is not smart.py; nothing was removed.
+    Stop the run yourself, then run this again"
     if ((DRY)); then
         say "would stop the live run (pid $pid) with SIGTERM and wait up to $WAIT s for it to revert and exit"
         return 0
