@@ -3671,76 +3671,461 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 _TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json", ".css": "text/css",
           ".js": "text/javascript", ".png": "image/png", ".svg": "image/svg+xml"}
 
+# What the pages of www/ may do: run their own inline <script> and <style> (each allowed by its
+# hash: index.html's, then fleet.html's), set the one style attribute index.html sets (its
+# legend's colour), fetch the JSON beside them; no other origin, no frames, forms or <base>.
+# deploy/nginx/smart.conf sends the same policy; tests/test_serve.py checks the hashes against
+# the pages, so an edit of a page's script or style fails the tests until they are updated here
+# and there.
+DASHBOARD_CSP = ("default-src 'self'; "
+                 "script-src 'sha256-TPftysYCdkcxsZTMF7aX32ovrpD8Qb1wG1x1DP061Z0=' "
+                 "'sha256-BIi1noX0qTzATcT1BMBFMW8Lq0epEKg4tfTmDV+d26w='; "
+                 "style-src 'sha256-ZlmUFv9k1RDpGw/yfDpMB3cCv9GSW3ryhi0FNq503CM=' "
+                 "'sha256-AzcrXKDVk8tOr3BNkSd8Zaiexuz4KTnurjhzR1qppbA=' "
+                 "'unsafe-hashes' 'sha256-CXrmR8Ivp3FsNY5Y7pV5kS6fG/nVl1Yt0Ba6GlryI6M='; "
+                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = (("Content-Security-Policy", DASHBOARD_CSP), ("X-Content-Type-Options", "nosniff"),
+                    ("Referrer-Policy", "no-referrer"))
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
-def _inside(root: str, relative: str):
-    """The real path of root/relative when it stays inside root (no .., no symlink out), else None."""
-    if "\0" in relative or "\\" in relative or any(part == ".." for part in relative.split("/")):
-        return None
-    real_root = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(real_root, relative.lstrip("/")))
-    return path if path == real_root or path.startswith(real_root + os.sep) else None
+
+def host_name(header) -> str:
+    """The name in a Host header: lower case, without its port, brackets or trailing dot ("" when missing)."""
+    value = (header or "").strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
 
 
-def make_dashboard_server(home: Home, bind: str = "127.0.0.1", port: int = 8080):
-    """A threaded HTTP server for www/, /state.json, /history.json and a listing of /runs/ - nothing else."""
+###### Serve: connections, one loop thread and a few workers ######
 
-    class Handler(_QuietHandler):
+def _canned(code: int, reason: str, body: bytes) -> bytes:
+    """A whole answer that closes its connection, security headers included, for the connection loop."""
+    lines = [f"HTTP/1.1 {code} {reason}", "Content-Type: text/plain; charset=utf-8",
+             f"Content-Length: {len(body)}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in SECURITY_HEADERS]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class _Head:
+    """A request head the connection loop read whole, as the file BaseHTTPRequestHandler reads lines from.
+
+    The loop caps a head at HEAD_BYTES, below the handler's own line limits, so readline never cuts.
+    """
+
+    def __init__(self, data: bytes):
+        self.data, self.at = data, 0
+
+    def readline(self, limit=-1) -> bytes:
+        end = self.data.find(b"\n", self.at) + 1 or len(self.data)
+        line, self.at = self.data[self.at:end], end
+        return line
+
+
+class _Connection:
+    """A client's connection: the bytes read of its next request head, and when that head must be whole."""
+
+    def __init__(self, sock, address, deadline):
+        self.sock, self.address, self.deadline = sock, address, deadline
+        self.pending = b""
+        self.head = b""
+        self.idle = False
+
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+class DashboardServer:
+    """HTTP/1.1 for the dashboard: one loop thread watches every connection, a few workers answer.
+
+    A connection holds no thread while its request head arrives or while it idles between
+    requests: the loop reads heads (whole within head_seconds of their first byte, at most
+    HEAD_BYTES), closes a keep-alive connection idle for idle_seconds, and answers 503 and closes
+    at once when max_connections are open.  A whole head goes to one of `workers` threads, which
+    answers it (every send within send_seconds) and hands the connection back to the loop.
+    Requests are answered only for the names in allowed_hosts (see host_name).
+    """
+
+    HEAD_BYTES = 16384
+    BUSY = _canned(503, "Service Unavailable", b"too many connections; try again in a moment\n")
+    TOO_LARGE = _canned(431, "Request Header Fields Too Large", b"request head too large\n")
+
+    def __init__(self, address, handler_class, allow_hosts=(), max_connections=512, workers=8,
+                 head_seconds=5.0, idle_seconds=5.0, send_seconds=30.0):
+        host, port = address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=128)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self.handler_class = handler_class
+        bound = {host.lower(), self.server_address[0]} - {"0.0.0.0", "::", ""}
+        self.allowed_hosts = frozenset(LOOPBACK_NAMES) | bound | {host_name(name) for name in allow_hosts}
+        self.max_connections, self.workers = max_connections, workers
+        self.head_seconds, self.idle_seconds, self.send_seconds = head_seconds, idle_seconds, send_seconds
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._lock = threading.Lock()
+        self._has_work = threading.Condition(self._lock)
+        self._work = collections.deque()        # connections with a whole head, for the workers
+        self._back = collections.deque()        # connections the workers answered, for the loop
+        self._busy = set()                      # connections a worker is answering
+        self._open = 0
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Accept and answer until shutdown() is called or an exception (Ctrl-C) ends the loop."""
+        workers = [threading.Thread(target=self._work_loop, name=f"dashboard-worker-{n}", daemon=True)
+                   for n in range(self.workers)]
+        for worker in workers:
+            worker.start()
+        selector = selectors.DefaultSelector()
+        selector.register(self.socket, selectors.EVENT_READ, "accept")
+        selector.register(self._wake_read, selectors.EVENT_READ, "wake")
+        waiting = set()
+        accept_again = None
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if accept_again is not None and now >= accept_again:
+                    selector.register(self.socket, selectors.EVENT_READ, "accept")
+                    accept_again = None
+                soonest = min((conn.deadline for conn in waiting), default=now + 1.0)
+                for key, _ in selector.select(max(0.0, min(soonest - now, 1.0))):
+                    if key.data == "accept":
+                        if not self._accept(selector, waiting):
+                            selector.unregister(self.socket)      # out of file descriptors: pause
+                            accept_again = time.monotonic() + 0.5
+                    elif key.data == "wake":
+                        self._take_back(selector, waiting)
+                    elif key.data in waiting:
+                        self._read(key.data, selector, waiting)
+                now = time.monotonic()
+                for conn in [conn for conn in waiting if conn.deadline <= now]:
+                    self._drop(conn, selector, waiting)
+        finally:
+            selector.close()
+            with self._lock:
+                self._stopping.set()
+                left = list(waiting) + list(self._work) + list(self._back)
+                self._work.clear()
+                self._back.clear()
+                for conn in self._busy:
+                    with contextlib.suppress(OSError):
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                self._has_work.notify_all()
+            for conn in left:
+                self._close(conn)
+            for worker in workers:
+                worker.join(5)
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Make serve_forever return, and wait until it has (call it from another thread)."""
+        self._stopping.set()
+        self._wake()
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket."""
+        self.socket.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def _wake(self):
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+
+    def _accept(self, selector, waiting) -> bool:
+        """Accept every connection waiting; False when the process is out of file descriptors."""
+        while True:
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return False
+                continue                                    # that client gave up already
+            with self._lock:
+                full = self._open >= self.max_connections
+                if not full:
+                    self._open += 1
+            if full:
+                self._refuse(sock, self.BUSY)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Connection(sock, address, time.monotonic() + self.head_seconds)
+            selector.register(sock, selectors.EVENT_READ, conn)
+            waiting.add(conn)
+
+    @staticmethod
+    def _refuse(sock, answer: bytes):
+        """Send a short answer without waiting (a fresh socket's buffer holds it) and close."""
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            sock.send(answer)
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+
+    def _read(self, conn, selector, waiting):
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._drop(conn, selector, waiting)
+        if conn.idle:                  # the first bytes of the next request on a kept-alive connection
+            conn.idle = False
+            conn.deadline = time.monotonic() + self.head_seconds
+        conn.pending += data
+        self._dispatch(conn, selector, waiting)
+
+    def _dispatch(self, conn, selector, waiting):
+        """Hand conn to a worker when its head is whole; a head past HEAD_BYTES is refused."""
+        end = _HEAD_END.search(conn.pending, 0, self.HEAD_BYTES + 4)
+        if end is None:
+            if len(conn.pending) > self.HEAD_BYTES:
+                selector.unregister(conn.sock)
+                waiting.discard(conn)
+                self._refuse(conn.sock, self.TOO_LARGE)
+                self._forget()
+            return
+        conn.head, conn.pending = conn.pending[:end.end()], conn.pending[end.end():]
+        selector.unregister(conn.sock)
+        waiting.discard(conn)
+        with self._lock:
+            self._work.append(conn)
+            self._has_work.notify()
+
+    def _take_back(self, selector, waiting):
+        """Watch again the connections the workers have answered (a pipelined head goes straight on)."""
+        with contextlib.suppress(OSError):
+            while self._wake_read.recv(4096):
+                pass
+        with self._lock:
+            back = list(self._back)
+            self._back.clear()
+        now = time.monotonic()
+        for conn in back:
+            conn.sock.setblocking(False)
+            conn.idle = not conn.pending
+            conn.deadline = now + (self.idle_seconds if conn.idle else self.head_seconds)
+            selector.register(conn.sock, selectors.EVENT_READ, conn)
+            waiting.add(conn)
+            if conn.pending:
+                self._dispatch(conn, selector, waiting)
+
+    def _drop(self, conn, selector, waiting):
+        selector.unregister(conn.sock)
+        waiting.discard(conn)
+        self._close(conn)
+
+    def _close(self, conn):
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+        self._forget()
+
+    def _forget(self):
+        with self._lock:
+            self._open -= 1
+
+    def _work_loop(self):
+        while True:
+            with self._lock:
+                while not self._work and not self._stopping.is_set():
+                    self._has_work.wait()
+                if self._stopping.is_set():
+                    return
+                conn = self._work.popleft()
+                self._busy.add(conn)
+            keep = self._answer(conn)
+            with self._lock:
+                self._busy.discard(conn)
+                keep = keep and not self._stopping.is_set()
+                if keep:
+                    self._back.append(conn)
+            if keep:
+                self._wake()
+            else:
+                self._close(conn)
+
+    def _answer(self, conn) -> bool:
+        """Answer the request in conn.head; whether the connection stays open for another."""
+        conn.sock.settimeout(self.send_seconds)
+        try:
+            return not self.handler_class(conn, conn.address, self).close_connection
+        except OSError:                 # the client went away, or read nothing for send_seconds
+            return False
+        except Exception as exc:
+            warn(f"dashboard: {type(exc).__name__}: {exc} (answering {conn.address[0]}); connection closed")
+            return False
+
+
+class _DashboardHandler(_QuietHandler):
+    """One request of a DashboardServer connection, whose head the loop read; every answer has SECURITY_HEADERS."""
+
+    def setup(self):
+        self.connection = self.request.sock
+        self.rfile = _Head(self.request.head)
+        self.wfile = self.connection.makefile("wb")
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+        headers = getattr(self, "headers", None)
+        if headers is not None and (headers.get("Transfer-Encoding")
+                                    or headers.get("Content-Length", "0").strip() not in ("", "0")):
+            self.close_connection = True      # its body would be read as the next request's head
+
+    def finish(self):
+        try:
+            self.wfile.flush()
+        finally:
+            self.wfile.close()
+
+    def end_headers(self):
+        for name, value in SECURITY_HEADERS:
+            self.send_header(name, value)
+        super().end_headers()
+
+
+###### Serve: the files and the routes ######
+
+def _open_below(root: str, relative: str):
+    """An fd of root/relative, opened one part at a time without following a symlink; with whether it is a folder.
+
+    FileNotFoundError when it is not there; PermissionError when it is refused: a symlink
+    anywhere below root, a part that starts with a dot (.., dot files), or neither a folder nor
+    a regular file (a FIFO is opened without blocking, then refused).
+    """
+    import stat
+    parts = [part for part in relative.split("/") if part]
+    if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
+        raise PermissionError(relative)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    raise FileNotFoundError(relative) from None
+                raise PermissionError(relative) from None       # ELOOP: a symlink
+            os.close(fd)
+            fd = inner
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise PermissionError(relative)
+        return fd, stat.S_ISDIR(mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def make_dashboard_server(home: Home, bind: str = "127.0.0.1", port: int = 8080, allow_hosts=(), **limits):
+    """A DashboardServer for www/, /state.json, /history.json and a listing of /runs/ - nothing else.
+
+    Files are streamed in chunks, never read whole; a symlink is never followed below www/ or
+    var/.  limits: DashboardServer's max_connections, workers and timeouts.
+    """
+
+    class Handler(_DashboardHandler):
+        CHUNK = 65536
+
         def do_GET(self):
-            path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+            if not self.headers.get("Host"):
+                return self.send_body(400, b"a Host header is required\n")
+            if host_name(self.headers["Host"]) not in self.server.allowed_hosts:
+                return self.send_body(421, b"this server does not answer to that host name; "
+                                           b"start it with: smart.py serve --allow-host NAME\n")
+            target = self.path.split("?", 1)[0]
+            if not target.startswith("/"):
+                return self.send_body(400, b"bad request target\n")
+            path = urllib.parse.unquote(target)
             if path in ("/state.json", "/history.json"):
-                return self.send_file(os.path.join(home.var, path[1:]), no_cache=True)
+                return self.send_path(home.var, path, "application/json", no_cache=True)
             if path == "/runs" or path.startswith("/runs/"):
-                return self.send_run_path(path[len("/runs"):])
-            if path == "/":
-                path = "/index.html"
-            found = _inside(home.www(), path)
-            if found is None or not os.path.isfile(found):
-                return self.send_body(404, b"not found\n")
-            return self.send_file(found)
+                return self.send_path(home.var, path, "text/plain; charset=utf-8", no_cache=True, listing=True)
+            name = "/index.html" if path == "/" else path
+            kind = _TYPES.get(os.path.splitext(name)[1], "text/plain; charset=utf-8")
+            return self.send_path(home.www(), name, kind, refused=404)
 
         do_HEAD = do_GET
 
-        def send_file(self, path, no_cache=False, content_type=None):
+        def send_path(self, root, path, kind, no_cache=False, listing=False, refused=403):
+            """A regular file (streamed) or, with listing, a folder's listing; 404 or `refused` otherwise."""
             try:
-                with open(path, "rb") as handle:
-                    body = handle.read()
+                fd, folder = _open_below(root, path)
+            except FileNotFoundError:
+                return self.send_body(404, b"not found\n")
             except OSError:
-                return self.send_body(404, b"not found\n")
-            headers = [("Cache-Control", "no-cache")] if no_cache else []
-            kind = content_type or _TYPES.get(os.path.splitext(path)[1], "text/plain; charset=utf-8")
-            self.send_body(200, body, kind, headers)
+                return self.send_body(refused, b"refused\n" if refused == 403 else b"not found\n")
+            try:
+                if folder and not listing:
+                    return self.send_body(404, b"not found\n")
+                if folder and not path.endswith("/"):
+                    return self.send_body(301, b"", headers=[("Location", urllib.parse.quote(path) + "/")])
+                if folder:
+                    return self.send_listing(fd, newest_first=path.strip("/") == "runs")
+                return self.send_stream(fd, kind, no_cache)
+            finally:
+                os.close(fd)
 
-        def send_run_path(self, relative):
-            found = _inside(home.runs, relative or "/")
-            if found is None:
-                return self.send_body(403, b"refused\n")
-            if os.path.isdir(found):
-                if not self.path.split("?")[0].endswith("/"):
-                    return self.send_body(301, b"", headers=[("Location", self.path.split("?")[0] + "/")])
-                names = sorted(os.listdir(found), reverse=found == os.path.realpath(home.runs))
-                items = "".join(
-                    f'<li><a href="{urllib.parse.quote(n)}{"/" if os.path.isdir(os.path.join(found, n)) else ""}">'
-                    f'{html.escape(n)}</a></li>' for n in names)
-                page = (f"<!doctype html><meta charset=utf-8><title>runs</title><ul>{items}</ul>").encode()
-                return self.send_body(200, page, "text/html; charset=utf-8", [("Cache-Control", "no-cache")])
-            if not os.path.isfile(found):
-                return self.send_body(404, b"not found\n")
-            return self.send_file(found, no_cache=True, content_type="text/plain; charset=utf-8")
+        def send_listing(self, fd, newest_first):
+            with os.scandir(fd) as entries:
+                shown = sorted(((entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries
+                                if not entry.name.startswith(".")
+                                and (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False))),
+                               reverse=newest_first)
+            items = "".join(f'<li><a href="{urllib.parse.quote(name)}{"/" if folder else ""}">{html.escape(name)}</a></li>'
+                            for name, folder in shown)
+            page = f"<!doctype html><meta charset=utf-8><title>runs</title><ul>{items}</ul>".encode()
+            self.send_body(200, page, "text/html; charset=utf-8", [("Cache-Control", "no-cache")])
 
-    return _QuietServer((bind, port), Handler)
+        def send_stream(self, fd, kind, no_cache):
+            size = os.fstat(fd).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(size))
+            if no_cache:
+                self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            self.wfile.flush()
+            left = size
+            while left:
+                chunk = os.read(fd, min(self.CHUNK, left))
+                if not chunk:                 # the file shrank since: the answer is short, end it
+                    self.close_connection = True
+                    return
+                self.connection.sendall(chunk)
+                left -= len(chunk)
+
+    return DashboardServer((bind, port), Handler, allow_hosts, **limits)
 
 
-def serve_dashboard(home: Home, bind: str, port: int) -> int:
+def serve_dashboard(home: Home, bind: str, port: int, allow_hosts=()) -> int:
     """Serve the dashboard until Ctrl-C or SIGTERM."""
-    if bind not in ("127.0.0.1", "localhost", "::1"):
+    if bind not in LOOPBACK_NAMES:
         warn(f"serving on {bind}: there is no authentication; anyone who can reach it sees the dashboard "
              "(for production use nginx, see DEPLOYMENT.md)")
     try:
-        server = make_dashboard_server(home, bind, port)
+        server = make_dashboard_server(home, bind, port, allow_hosts)
     except OSError as exc:
         raise BadInput(f"cannot listen on {bind}:{port}: {exc.strerror or exc}; try --port") from None
     host, real_port = server.server_address[:2]
-    print(f"dashboard: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{real_port}/  (Ctrl-C to stop)", flush=True)
+    shown = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host
+    print(f"dashboard: http://{shown}:{real_port}/  (Ctrl-C to stop)", flush=True)
+    if bind not in LOOPBACK_NAMES or allow_hosts:
+        print(f"answers requests for: {', '.join(sorted(server.allowed_hosts))} (more with --allow-host NAME)",
+              flush=True)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -4128,7 +4513,7 @@ def cmd_serve(args, settings) -> int:
     home = Home(args.home)
     with contextlib.suppress(OSError):
         publish_dashboard(home)
-    return serve_dashboard(home, args.bind, args.port)
+    return serve_dashboard(home, args.bind, args.port, args.allow_host)
 
 
 def cmd_phone_home(args, settings) -> int:
@@ -4242,6 +4627,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", cmd_serve, "serve the dashboard, state and run logs over HTTP")
     serve.add_argument("--bind", default="127.0.0.1", help="address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests for this host name (repeatable); 127.0.0.1, localhost, "
+                            "::1 and the --bind address are always answered")
     phone = command("phone-home", cmd_phone_home, "send a run's result to the coach")
     phone.add_argument("run_id", nargs="?")
     demo = command("demo", cmd_demo, "a complete experiment against a built-in server, then the dashboard")

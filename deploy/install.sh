@@ -481,10 +481,19 @@ url="http://$SERVER_NAME/"
 echo
 if ((DRY)); then echo "dry run: nothing was changed"; else echo "smart.py is installed in $OPT"; fi
 echo "  dashboard:  $url"
-if ((REAL)); then
-    echo "  try a run:  sudo -u smart $PYTHON $OPT/smart.py run --dry-run"
+as_smart=""; ((REAL)) && as_smart="sudo -u smart "
+echo "  try a run:  $as_smart$PYTHON $OPT/smart.py run --dry-run"
+if ((HAVE_SYSTEMD)); then
     echo "  run now:    sudo systemctl start --no-block smart-experiment; journalctl -fu smart-experiment"
-    echo "  check:      sudo $PYTHON $OPT/smart.py doctor"
+else
+    # no systemd here (a container, or --prefix): no timer starts the runs; by hand or from cron
+    echo "  run now:    $as_smart$PYTHON $OPT/smart.py run"
+    if ((REAL)); then
+        echo "  from cron:  echo '*/30 * * * * smart $PYTHON $OPT/smart.py run' | sudo tee /etc/cron.d/smart-experiment"
+    else
+        echo "  from cron:  crontab -e, then the line: */30 * * * * $PYTHON $OPT/smart.py run"
+    fi
 fi
+((REAL)) && echo "  check:      sudo $PYTHON $OPT/smart.py doctor"
 ((WARNINGS == 0)) || echo "  $WARNINGS warning(s) above"
 exit 0

@@ -1,35 +1,53 @@
 #!/usr/bin/env bash
 # deploy/uninstall.sh - remove what deploy/install.sh installed (DEPLOYMENT.md).
 #
-#   sudo deploy/uninstall.sh            stop and remove; keep /opt/smart/var, smart.conf, your
-#                                       own experiments and the helper's nginx.conf backup
-#   sudo deploy/uninstall.sh --purge    remove those too, and the smart user
-#   deploy/uninstall.sh --dry-run       print each action, change nothing
-#   deploy/uninstall.sh --prefix DIR    the install made with install.sh --prefix DIR
-#
-# Before anything is removed the timer and a running experiment are stopped (a stop reverts what
-# the run applied) and `smart.py recover` reverts what an interrupted run left applied; if that
-# fails, nothing is removed (--force removes anyway).  A variant that an experiment *kept* stays
-# applied: it was an improvement.  The nginx.conf from before it is the helper's backup,
-# /var/lib/smart-nginx/nginx.conf.backup, kept unless --purge.
+# Before anything is removed the timer and a running experiment are stopped: the service under
+# systemd, and a run started by hand or by cron (the pid in var/lock) by SIGTERM; a stopped run
+# reverts what it applied, and uninstall waits for it (--wait S, default 90 s, as the unit's
+# TimeoutStopSec).  A run that does not end in that time stops the uninstall, --force or not: the
+# helper is never removed under a live run.  Then `smart.py recover` reverts what an interrupted
+# run left applied; if that fails, nothing is removed (--force removes anyway).  A variant that an
+# experiment *kept* stays applied: it was an improvement.  The nginx.conf from before it is the
+# helper's backup, /var/lib/smart-nginx/nginx.conf.backup, kept unless --purge.
 set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: deploy/uninstall.sh [--dry-run] [--purge] [--force] [--wait S] [--prefix DIR]
+
+Remove what deploy/install.sh installed: the units, the sudoers drop-in, the helper, the nginx
+site and the code in /opt/smart.  Kept: /opt/smart/var, smart.conf, your own experiments and the
+helper's nginx.conf backup.  A live run is stopped first (SIGTERM: it reverts) and waited for.
+
+options:
+  --dry-run      print each action; change nothing (no root needed)
+  --purge        also remove /opt/smart/var, smart.conf, the helper's backup and the smart user
+  --force        remove even when `smart.py recover` fails (then check nginx.conf yourself);
+                 never while a run still holds the lock
+  --wait S       seconds to wait for a stopped run to revert and exit (default 90)
+  --prefix DIR   the install made with install.sh --prefix DIR
+  -h, --help     this help
+EOF
+}
 
 die() { echo "uninstall.sh: error: $*" >&2; exit 1; }
 warn() { echo "uninstall.sh: warning: $*" >&2; }
 say() { echo "  $*"; }
 
-PREFIX="" DRY=0 PURGE=0 FORCE=0
+PREFIX="" DRY=0 PURGE=0 FORCE=0 WAIT=90
 while (($#)); do
     case "$1" in
         --prefix) PREFIX=${2:?--prefix needs a folder}; shift ;;
         --dry-run) DRY=1 ;;
         --purge) PURGE=1 ;;
         --force) FORCE=1 ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --wait) WAIT=${2:?--wait needs a number of seconds}; shift ;;
+        -h|--help) usage; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
     shift
 done
+[[ $WAIT =~ ^[0-9]{1,5}$ ]] || die "--wait '$WAIT' is not a number of seconds"
 if [[ -n $PREFIX ]]; then
     [[ $PREFIX == /* ]] || PREFIX="$(pwd)/$PREFIX"
     PREFIX=${PREFIX%/}
@@ -66,12 +84,41 @@ remove_dir_if_empty() {
 echo "removing smart.py from ${OPT} ($(((REAL)) && echo "this box" || echo "prefix $PREFIX"))"
 
 # --- 1. stop: the timer, a running experiment (SIGTERM reverts), then recover ------------------
+LOCK=$OPT/var/lock
+lock_held() {   # a run holds var/lock: smart.py keeps it locked (flock) for as long as it runs
+    [[ -f $LOCK ]] && ! flock -n "$LOCK" true 2>/dev/null
+}
+stop_live_run() {   # a run by hand or by cron: SIGTERM the pid in var/lock, wait until the lock is free
+    local pid ends
+    pid=$(head -n 1 "$LOCK" | tr -cd '0-9')
+    if [[ -z $pid || ! -d /proc/$pid ]]; then
+        die "something holds $LOCK but it names no live pid ('$pid'); nothing was removed.
+    Find it (fuser -v $LOCK), stop it, and run this again"
+    fi
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'smart\.py' ||
+        die "pid $pid in $LOCK is not smart.py; nothing was removed.
+    Stop the run yourself, then run this again"
+    if ((DRY)); then
+        say "would stop the live run (pid $pid) with SIGTERM and wait up to $WAIT s for it to revert and exit"
+        return 0
+    fi
+    kill -TERM "$pid"
+    say "sent SIGTERM to the live run (pid $pid); waiting up to $WAIT s for it to revert and exit"
+    ends=$((SECONDS + WAIT))
+    while lock_held && ((SECONDS < ends)); do sleep 0.2; done
+    if lock_held; then
+        die "the run (pid $pid) still holds $LOCK after $WAIT s; nothing was removed, not even with --force.
+    Wait longer (--wait S), or kill it (kill -9 $pid; smart.py recover then reverts), and run this again"
+    fi
+    say "the run (pid $pid) ended"
+}
 if ((HAVE_SYSTEMD)); then
     if systemctl list-unit-files smart-experiment.timer >/dev/null 2>&1; then
         act "disable and stop smart-experiment.timer" systemctl disable --now smart-experiment.timer || true
         act "stop smart-experiment.service (a running experiment reverts)" systemctl stop smart-experiment.service || true
     fi
 fi
+if lock_held; then stop_live_run; fi
 if [[ -f $OPT/var/applied.json && -f $OPT/smart.py ]]; then
     recover=("$PYTHON" "$OPT/smart.py" --home "$OPT" recover)
     ((REAL)) && recover=(runuser -u smart -- "${recover[@]}")
@@ -84,6 +131,12 @@ if [[ -f $OPT/var/applied.json && -f $OPT/smart.py ]]; then
     else
         die "smart.py recover failed: a variant may still be applied.  Fix it first (python3 $OPT/smart.py doctor), or rerun with --force"
     fi
+fi
+# From here on this script holds the lock: a run that cron starts now ends at once (the lock is
+# held) instead of applying a variant while the helper goes.
+if [[ -f $LOCK ]] && ((!DRY)); then
+    exec 9<"$LOCK"
+    flock -n 9 || die "a new run took $LOCK meanwhile (cron?); nothing was removed: run this again"
 fi
 
 # --- 2. units, sudoers, helper -----------------------------------------------------------------

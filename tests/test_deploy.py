@@ -14,6 +14,7 @@ test_nginx_experiment.py.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -484,6 +485,130 @@ class InstallTest(unittest.TestCase):
         self.assertFalse(os.path.exists(self.path("opt/smart")))
         self.assertFalse(os.path.exists(self.path("var/lib/smart-nginx")))
 
+    def test_without_systemd_the_advice_is_cron_or_by_hand(self):
+        result = self.install()
+        self.assertNotIn("systemctl", result.stdout)
+        self.assertIn(f"run now:    /usr/bin/python3 {self.path('opt/smart/smart.py')} run\n", result.stdout)
+        self.assertIn(f"*/30 * * * * /usr/bin/python3 {self.path('opt/smart/smart.py')} run", result.stdout)
+
+    def test_uninstall_help_is_a_usage(self):
+        for flag in ("--help", "-h"):
+            done = uninstall(self.prefix, flag)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertTrue(done.stdout.startswith("usage: deploy/uninstall.sh "), done.stdout)
+            for option in ("--dry-run", "--purge", "--force", "--wait S", "--prefix DIR"):
+                self.assertIn(option, done.stdout)
+            self.assertNotIn("set -", done.stdout)
+        self.assertFalse(os.path.exists(self.prefix))
+
+
+class UninstallLiveRunTest(unittest.TestCase):
+    """uninstall.sh while a `smart.py run` started by hand (no systemd) holds the lock: it stops the
+    run with SIGTERM, waits for its revert, and only then removes the helper; a run that does not
+    end stops the uninstall, --force or not.
+
+    The run measures a DemoTarget of this process; its experiment writes the variant to
+    HOME/server.conf, and its revert notes in HOME/revert.log whether the helper was still there.
+    """
+
+    def setUp(self):
+        need("flock")
+        self.root = tempfile.mkdtemp(prefix="smart-uninstall-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.prefix = os.path.join(self.root, "prefix")
+        nginx_conf = os.path.join(self.root, "nginx.conf")
+        with open(nginx_conf, "w") as handle:
+            handle.write("worker_processes 1;\nevents {}\n")
+        install(self.prefix, "--nginx-conf", nginx_conf, "--reload", "signal")
+        self.home = os.path.join(self.prefix, "opt", "smart")
+        self.helper = os.path.join(self.prefix, "usr", "local", "sbin", "smart-nginx")
+        target = smart.DemoTarget(os.path.join(self.root, "mode")).start()
+        self.addCleanup(target.server_close)
+        self.addCleanup(target.shutdown)
+        self.target_url = target.url
+
+    def home_path(self, *parts):
+        return os.path.join(self.home, *parts)
+
+    def start_run(self, revert):
+        """`smart.py run 050_slow` from the prefix's home, in its own process group (killed in cleanup)."""
+        folder = self.home_path("experiments", "050_slow")
+        os.makedirs(folder)
+        smart.write_json(os.path.join(folder, "meta.json"), {
+            "id": "050_slow", "description": "a variant measured for two minutes",
+            "variants": [{"name": "baseline", "apply": "echo baseline > ../../server.conf"},
+                         {"name": "v1", "apply": "echo v1 > ../../server.conf"}],
+            "revert": revert, "target_url": self.target_url, "measure": {"rate": 20, "timeout": 1}})
+        env = clean_env({"DESIGN": "sequential", "BASELINE_SECONDS": "1", "EXPERIMENT_SECONDS": "120",
+                         "COOLDOWN_SECONDS": "0", "EARLY_STOP": "no", "PHONE_HOME": "never",
+                         "COMMAND_TIMEOUT_SECONDS": "30", "MIN_SAMPLES": "5"})
+        self.log = open(os.path.join(self.root, "run.out"), "w+")
+        self.addCleanup(self.log.close)
+        proc = subprocess.Popen([sys.executable, self.home_path("smart.py"), "--home", self.home, "run", "050_slow"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+        def stop():
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait(10)
+        self.addCleanup(stop)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = smart.read_json(self.home_path("var", "state.json"), {}) or {}
+            if state.get("phase") == "measuring v1":
+                break
+            time.sleep(0.05)
+        self.assertEqual(smart.read_json(self.home_path("var", "state.json"), {}).get("phase"), "measuring v1",
+                         f"the run never measured v1:\n{self.log_text()}")
+        self.assertTrue(os.path.exists(self.home_path("var", "applied.json")), "v1 is applied: the journal says so")
+        return proc
+
+    def log_text(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def test_stops_the_run_and_waits_for_its_revert_before_removing_the_helper(self):
+        revert = ('echo baseline > ../../server.conf; '
+                  f'if [ -e {self.helper} ]; then echo helper present; else echo helper missing; fi >> ../../revert.log')
+        proc = self.start_run(revert)
+        dry = uninstall(self.prefix, "--dry-run")
+        self.assertEqual(dry.returncode, 0, dry.stderr)
+        self.assertIn(f"would stop the live run (pid {proc.pid})", dry.stdout)
+        self.assertIsNone(proc.poll(), "a dry run stopped the run")
+        done = uninstall(self.prefix)
+        self.assertEqual(done.returncode, 0, f"{done.stdout}\n{done.stderr}")
+        self.assertIn(f"sent SIGTERM to the live run (pid {proc.pid})", done.stdout)
+        self.assertEqual(proc.wait(10), 1, self.log_text())               # 1: interrupted
+        with open(self.home_path("revert.log")) as handle:
+            self.assertEqual(handle.read(), "helper present\n", "the revert ran before the helper was removed")
+        with open(self.home_path("server.conf")) as handle:
+            self.assertEqual(handle.read(), "baseline\n")
+        self.assertFalse(os.path.exists(self.home_path("var", "applied.json")), "the journal is gone")
+        self.assertEqual(smart.read_json(self.home_path("var", "state.json"))["status"], "interrupted")
+        self.assertLess(done.stdout.index("ended"), done.stdout.index(f"remove {self.helper}"))
+        self.assertFalse(os.path.exists(self.helper))
+        self.assertFalse(os.path.exists(self.home_path("smart.py")))
+
+    def test_a_run_that_does_not_end_stops_the_uninstall_even_with_force(self):
+        # the revert hangs (SIGTERM starts it, it sleeps); its own session is killed in cleanup
+        pid_file = self.home_path("revert.pid")
+
+        def kill_revert():
+            with contextlib.suppress(OSError, ValueError):
+                with open(pid_file) as handle:
+                    os.killpg(int(handle.read()), 9)
+        self.addCleanup(kill_revert)
+        proc = self.start_run("echo $$ > ../../revert.pid; sleep 25; echo baseline > ../../server.conf")
+        done = uninstall(self.prefix, "--force", "--wait", "1")
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        self.assertIn(f"the run (pid {proc.pid}) still holds", done.stderr)
+        self.assertIn("not even with --force", done.stderr)
+        self.assertIsNone(proc.poll())
+        for path in (self.helper, self.home_path("smart.py"), self.home_path("var", "applied.json")):
+            self.assertTrue(os.path.exists(path), f"{path} removed under a live run")
+        self.assertNotIn("remove ", done.stdout)
+
 
 # ---------------------------------------------------------------- sudoers, units --
 
@@ -876,6 +1001,18 @@ class SiteTest(unittest.TestCase):
         # Not the default server: other host names on port 80 still reach the box's own site.
         with open(self.site) as handle:
             self.assertNotIn("default_server", handle.read())
+
+    def test_every_location_sends_the_security_headers(self):
+        # a location's add_header replaces the server's: each location must repeat all of them
+        expected = {"content-security-policy": smart.DASHBOARD_CSP, "x-content-type-options": "nosniff",
+                    "referrer-policy": "no-referrer"}
+        for path, status in (("/", 200), ("/index.html", 200), ("/state.json", 200), ("/history.json", 200),
+                             ("/runs/", 200), ("/runs/20260101T000000/run.log", 200), ("/runs", 301),
+                             ("/nothing.html", 404), ("/.shipped", 404)):
+            with self.subTest(path=path):
+                got, headers, _ = self.get(path)
+                self.assertEqual(got, status)
+                self.assertEqual({name: headers.get(name) for name in expected}, expected)
 
 
 

@@ -560,6 +560,119 @@ class UnreachableHostTests(unittest.TestCase):
         self.assertEqual([hosts[n]["variant"] for n in HOSTS], [VARIANT, VARIANT, None, None])
 
 
+class ProcessWatch(threading.Thread):
+    """While in a `with` block, reads every process's command line and environment (/proc) every
+    20 ms: `seen` lists each one that holds `secret`, `ansible` counts the Ansible module runs
+    seen (so a test knows the watch looked while something ran)."""
+
+    def __init__(self, secret: str):
+        super().__init__(daemon=True)
+        self.secret = secret.encode()
+        self.seen, self.ansible = [], 0
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.wait(0.02):
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit() or int(entry) == os.getpid():
+                    continue
+                for part in ("cmdline", "environ"):
+                    try:
+                        with open(f"/proc/{entry}/{part}", "rb") as handle:
+                            data = handle.read()
+                    except OSError:
+                        continue
+                    if self.secret in data:
+                        self.seen.append((int(entry), part, data[:200]))
+                    if part == "cmdline" and b"AnsiballZ_" in data:
+                        self.ansible += 1
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.halt.set()
+        self.join(10)
+
+
+TOKEN = "tok-9Zq3vKx1-never-shown"
+
+
+class SecretTests(unittest.TestCase):
+    """The coach token goes into smart.conf through smart_settings (install.yml) and nowhere else:
+    not into the -vvv output of install.yml and experiment.yml, not into any process's command line
+    or environment while they run. In smart_environment it is refused before anything runs."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fleet = fleet = Fleet(cls, hosts=HOSTS[:2])
+        inventory = smart.read_json(fleet.inventory)
+        inventory["all"]["vars"]["smart_settings"] = {"PHONE_HOME": "never", "PHONE_HOME_TOKEN": TOKEN,
+                                                      "EARLY_STOP": False, "KEEP_RUNS": 50}
+        smart.write_json(fleet.inventory, inventory)
+        with ProcessWatch(TOKEN) as watch:
+            cls.install = fleet.playbook("install.yml", "-vvv", experiment=False)
+            for name in fleet.names:
+                fleet.write_experiment(name)
+            cls.experiment = fleet.playbook("experiment.yml", "-vvv")
+        cls.watch = watch
+        cls.refused = Fleet(cls, hosts=HOSTS[:2])
+        cls.refused.bare_install()
+        for name in cls.refused.names:
+            cls.refused.write_experiment(name)
+        inventory = smart.read_json(cls.refused.inventory)
+        inventory["all"]["vars"]["smart_environment"] = dict(SETTINGS, PHONE_HOME_TOKEN=TOKEN)
+        smart.write_json(cls.refused.inventory, inventory)
+        cls.refused_runs = {playbook: cls.refused.playbook(playbook, "-vvv")
+                            for playbook in ("experiment.yml", "fleet-status.yml")}
+        cls.figures = {"secret install+experiment": round(cls.install[2] + cls.experiment[2], 1)}
+
+    def test_the_token_is_in_smart_conf(self):
+        for name in self.fleet.names:
+            conf = os.path.join(self.fleet.home(name), "smart.conf")
+            self.assertEqual(os.stat(conf).st_mode & 0o777, 0o640, name)
+            text = read_text(conf)
+            self.assertIn(f"\nPHONE_HOME_TOKEN={TOKEN}\n", text, name)
+            self.assertIn("\nEARLY_STOP=no\n", text, "a YAML boolean is written as yes/no")
+            settings = smart.load_settings(conf, environ={})
+            self.assertEqual((settings["PHONE_HOME_TOKEN"], settings["KEEP_RUNS"]), (TOKEN, 50))
+
+    def test_the_playbooks_ran_and_never_showed_the_token(self):
+        for what, (rc, out, _) in (("install.yml", self.install), ("experiment.yml", self.experiment)):
+            self.assertEqual(rc, 0, f"{what}:\n{out[-4000:]}")
+            self.assertIn("EXEC /bin/sh -c", out, f"{what} did not run at -vvv")
+            self.assertNotIn(TOKEN, out, f"{what} -vvv printed the token")
+        self.assertEqual(self.fleet.kept("web2")[EXPERIMENT]["variant"], VARIANT)
+        again = self.fleet.playbook("install.yml", experiment=False)
+        self.assertEqual(recap(again[1])["web1"]["changed"], 0, "smart.conf is rewritten on every run")
+
+    def test_no_process_carried_the_token(self):
+        self.assertGreater(self.watch.ansible, 0, "the watch saw no Ansible module run")
+        self.assertEqual(self.watch.seen, [], "the token was in a command line or an environment")
+
+    def test_the_watch_sees_a_token_in_an_environment(self):
+        with ProcessWatch(TOKEN) as watch:
+            child = subprocess.Popen(["sleep", "30"], env={"PHONE_HOME_TOKEN": TOKEN}, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 10
+                while not watch.seen and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            finally:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        self.assertIn((child.pid, "environ"), [(pid, part) for pid, part, _ in watch.seen])
+
+    def test_a_token_in_smart_environment_is_refused(self):
+        for playbook, (rc, out, _) in self.refused_runs.items():
+            self.assertNotEqual(rc, 0, f"{playbook}:\n{out[-4000:]}")
+            self.assertIn("smart_environment has PHONE_HOME_TOKEN", out, playbook)
+            self.assertNotIn(TOKEN, out, playbook)
+        for name in self.refused.names:
+            self.assertEqual(self.refused.runs(name), [], f"{name} ran something")
+            self.assertEqual(self.refused.mode(name), "plain")
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, read, closed)."""
     with socket.socket() as sock:
@@ -695,7 +808,8 @@ class FleetPageBrowserTests(unittest.TestCase):
 
 def tearDownModule():
     figures = {}
-    for case in (RolloutTests, StoppedRolloutTests, CanaryOutcomeTests, BusyHostTests, UnreachableHostTests):
+    for case in (RolloutTests, StoppedRolloutTests, CanaryOutcomeTests, BusyHostTests, UnreachableHostTests,
+                 SecretTests):
         figures.update(getattr(case, "figures", {}) or {})
     if figures and os.environ.get("SMART_FLEET_FIGURES"):
         print(f"\nfleet timings (s): {figures}", file=sys.stderr)
