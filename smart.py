@@ -4004,7 +4004,6 @@ def _open_below(root: str, relative: str):
     anywhere below root, a part that starts with a dot (.., dot files), or neither a folder nor
     a regular file (a FIFO is opened without blocking, then refused).
     """
-    import stat
     parts = [part for part in relative.split("/") if part]
     if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
         raise PermissionError(relative)
