@@ -2471,7 +2471,10 @@ class Runner:
     def each(self, experiments, start) -> int:
         """start(experiment) for each in turn; 0 when all finished, 1 when any failed."""
         failed = 0
-        for experiment in experiments:
+        for index, experiment in enumerate(experiments):
+            if self.stop and index == 0:
+                raise Interrupted(f"stopped by {self.stop.signal_name} before {experiment.id} started; "
+                                  "nothing was changed")
             if self.stop:
                 self.log(f"{self.stop.signal_name}: {experiment.id} not started")
                 failed += 1
@@ -4670,18 +4673,18 @@ def main(argv=None) -> int:
     """Parse argv, run the command; the one place that turns errors into messages and exit codes."""
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "--verbose" in argv
-    early = globals().get("EARLY_SIGNALS")
+    early = globals().get("EARLY_SIGNALS")      # set when run as a script (see the top of this file)
     stop = StopFlag()
     restore = stop.install(early or ())
-    if early is not None:          # after main's own handling comes Python's, not the early notes
-        restore = _default_signals
     try:
         stop.check()
         args = build_parser().parse_args(argv)
         if args.command not in STOPPABLE:     # these end on a signal the usual way (serve, demo: Ctrl-C)
-            restore()
+            (restore if early is None else _default_signals)()
             restore = list
             stop.check()
+        elif early is not None:
+            restore = list                    # caught until the process exits: a late signal is no crash
         args.home = resolve_home(args)
         run_as_owner(args.home)
         args.stop = stop
