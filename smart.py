@@ -1607,11 +1607,15 @@ def wilson_lower(successes: int, trials: int, confidence: float) -> float:
     """One-sided lower confidence bound of a proportion (Wilson score)."""
     if trials == 0:
         return 0.0
-    z = _NORMAL.inv_cdf(confidence)
+    return wilson_bounds(successes, trials, _NORMAL.inv_cdf(confidence))[0]
+
+
+def wilson_bounds(successes: int, trials: int, z: float):
+    """The Wilson score interval of a proportion, z standard errors each side."""
     share = successes / trials
     center = share + z * z / (2 * trials)
     spread = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials))
-    return max(0.0, (center - spread) / (1 + z * z / trials))
+    return max(0.0, (center - spread) / (1 + z * z / trials)), min(1.0, (center + spread) / (1 + z * z / trials))
 
 
 def _log_median_se(sorted_values):
@@ -1661,7 +1665,12 @@ class Thresholds:
 
 BORDERLINE_POINTS = 3.0
 EPSILON = 1e-9           # thresholds compare with this slack: 2.2 - 1.2 is 1.0000000000000002 in floats
-TAIL_CONFIDENCE = 0.90   # a p99 regression counts when more than 1% of requests exceed the bound at this confidence
+ERR_CONFIDENCE = 0.80    # rule 4: a variant with errors must show its rise is within the allowed one at this confidence
+TAIL_CONFIDENCE = 0.995  # rule 5: a regressed percentile counts when its excess is significant at this confidence
+P99_BOUND_CONFIDENCE = 0.5   # ... above the baseline's p99 taken as its median-unbiased order statistic
+OUTLIER_FACTOR = 8.0     # rule 5 also: requests slower than this many times the baseline's p99 ...
+OUTLIER_EXCESS = 2       # ... may not outnumber the baseline's own by this many
+BEYOND_ALPHA = 0.0025    # ... and so many requests slower than the baseline's slowest that chance gives it less often
 
 
 @dataclass(frozen=True)
@@ -1678,9 +1687,10 @@ class Figures:
     alpha: float                   # what p must not exceed (sequential_alpha at a look)
     test: str
     err_delta: float               # error-rate change, points
+    err_rise_bound: float | None   # the rise's upper bound at ERR_CONFIDENCE, points (None without variant errors)
     tail: float | None             # p99 change, %
-    tail_bound: float | None       # ms: base p99 x (1 + MAX_TAIL_REGRESS_PCT/100)
-    tail_above: int                # variant requests slower than the bound
+    tails: list                    # per TAIL_PERCENTILES: change, bound, requests above it, p
+    outliers: dict                 # requests slower than OUTLIER_FACTOR x base p99, in each arm
     blocks: list                   # per block pair: medians and which arm went first
     fraction: float | None         # how far to the horizon a look is; None without looks
 
@@ -1698,7 +1708,10 @@ class Verdict:
     improve_pct: float | None
     improve_ci: list | None
     err_delta_pct: float
+    err_rise_bound_pct: float | None
     p99_regress_pct: float | None
+    tails: list
+    outliers: dict
     p_value: float
     alpha: float
     confidence: float
@@ -1744,7 +1757,11 @@ def verdict(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Verdi
         baseline=fig.baseline, variant=fig.variant,
         improve_pct=_round(fig.improve),
         improve_ci=None if fig.improve_ci is None else [_round(x) for x in fig.improve_ci],
-        err_delta_pct=_round(fig.err_delta, 4), p99_regress_pct=_round(fig.tail),
+        err_delta_pct=_round(fig.err_delta, 4), err_rise_bound_pct=_round(fig.err_rise_bound, 4),
+        p99_regress_pct=_round(fig.tail),
+        tails=[{key: _round(value) if isinstance(value, float) else value for key, value in tail.items()}
+               for tail in fig.tails],
+        outliers={key: _round(value) if isinstance(value, float) else value for key, value in fig.outliers.items()},
         p_value=float(f"{fig.p_value:.6g}"), alpha=float(f"{fig.alpha:.6g}"), confidence=t.confidence,
         test=fig.test, blocks=fig.blocks, fraction=fraction, thresholds=t.to_json(),
     )
@@ -1768,7 +1785,7 @@ def figures(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Figur
     test = rank_test([(b, v) for _, b, v in strata])
     p_value, method = test["p_value"], test["method"]
     interval = median_ratio_interval(base_sorted, var_sorted, t.confidence)
-    improve = _pct_change(base_fig["p50_ms"], var_fig["p50_ms"])
+    improve = _pct_change(percentile(base_sorted, 50), percentile(var_sorted, 50))
     improve = None if improve is None else 0.0 - improve
     improve_ci = None if interval is None else [(1 - interval[1]) * 100, (1 - interval[0]) * 100]
     blocks = []
@@ -1782,14 +1799,97 @@ def figures(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Figur
             improve_ci = [(1 - math.exp(cross["high"])) * 100, (1 - math.exp(cross["low"])) * 100]
             p_value = max(p_value, cross["p_value"])
             method = f"{method}, and {cross['method']} (df {cross['df']}); p is the larger"
-    tail = _pct_change(base_fig["p99_ms"], var_fig["p99_ms"])
-    bound = None if base_fig["p99_ms"] is None else base_fig["p99_ms"] * (1 + t.max_tail_regress_pct / 100)
     return Figures(
         baseline=base_fig, variant=var_fig, base_ok=base.ok, var_ok=var.ok, improve=improve, improve_ci=improve_ci,
         p_value=p_value, alpha=1 - t.confidence if fraction is None else sequential_alpha(t.confidence, fraction),
-        test=method, err_delta=var_fig["err_pct"] - base_fig["err_pct"], tail=tail, tail_bound=bound,
-        tail_above=0 if bound is None else var.ok - bisect.bisect_right(var_sorted, bound),
-        blocks=blocks, fraction=fraction)
+        test=method, err_delta=var_fig["err_pct"] - base_fig["err_pct"],
+        err_rise_bound=(rise_upper_bound(var.errors, var.total, base.errors, base.total, ERR_CONFIDENCE) * 100
+                        if var.errors and base.total else None),
+        tail=_pct_change(percentile(base_sorted, 99), percentile(var_sorted, 99)),
+        tails=_tails(base_sorted, var_sorted, t.max_tail_regress_pct),
+        outliers=_outliers(base_sorted, var_sorted), blocks=blocks, fraction=fraction)
+
+
+def rise_upper_bound(var_errors: int, var_total: int, base_errors: int, base_total: int, confidence: float) -> float:
+    """One-sided upper confidence bound of the error rate's rise, variant minus baseline (a share):
+    Newcombe's hybrid score interval, from the two Wilson intervals."""
+    z = _NORMAL.inv_cdf(confidence)
+    var_share, base_share = var_errors / var_total, base_errors / base_total
+    var_high = wilson_bounds(var_errors, var_total, z)[1]
+    base_low = wilson_bounds(base_errors, base_total, z)[0]
+    return var_share - base_share + math.hypot(var_high - var_share, base_share - base_low)
+
+
+def _tails(base_sorted, var_sorted, allowed_pct: float) -> list:
+    """Where the variant is slower than the baseline above the median: the p99 (how much it regressed,
+    and how many of the variant's requests are slower than base p99 x (1 + allowed), with the
+    binomial p of that many against 1%), and the percentile where the variant's distribution lies
+    furthest above the baseline's (a one-sided two-sample Kolmogorov-Smirnov statistic over the
+    baseline's upper half, with its p)."""
+    if not base_sorted or not var_sorted:
+        return []
+    n, m = len(base_sorted), len(var_sorted)
+    base_p99, var_p99 = percentile(base_sorted, 99), percentile(var_sorted, 99)
+    bound = percentile_upper_bound(base_sorted, 99, P99_BOUND_CONFIDENCE) * (1 + allowed_pct / 100)
+    above = m - bisect.bisect_right(var_sorted, bound)
+    tails = [{"percentile": 99, "regress_pct": _pct_change(base_p99, var_p99), "bound_ms": bound, "above": above,
+              "p": binomial_sf(above, m, 0.01), "test": "binomial against 1%"}]
+    # Where, above the baseline's median, the variant has more requests slower than a baseline
+    # percentile than the baseline has, by more than the allowed regression in latency there:
+    # the largest such gap in the two distribution functions (at most 1000 points looked at).
+    best = None
+    for rank in range(n // 2 + 1, n + 1, max(1, (n - n // 2) // 1000)):
+        at = base_sorted[rank - 1]
+        level = rank / n
+        var_there = var_sorted[min(m, max(1, math.ceil(level * m - 1e-9))) - 1]
+        gap = level - bisect.bisect_right(var_sorted, at) / m
+        if var_there > at * (1 + allowed_pct / 100) + EPSILON and (best is None or gap > best[0]):
+            best = (gap, rank, at, var_there)
+    if best is not None and best[0] > 0:
+        gap, rank, at, var_there = best
+        tails.append({"percentile": round(100.0 * rank / n, 1), "regress_pct": _pct_change(at, var_there),
+                      "bound_ms": at, "above": round(gap * m), "p": math.exp(-2.0 * gap * gap * n * m / (n + m)),
+                      "test": "Kolmogorov-Smirnov"})
+    return tails
+
+
+def percentile_upper_bound(sorted_values, pct: float, confidence: float):
+    """A distribution-free upper confidence bound of a percentile: the smallest order statistic that is
+    at least the true percentile with probability `confidence` (for 300 values and p99 at 90%, the
+    largest); the count of values below the true percentile is binomial (normal beyond 1000 values)."""
+    n, share = len(sorted_values), pct / 100
+    if n > 1000:
+        k = math.ceil(n * share + _NORMAL.inv_cdf(confidence) * math.sqrt(n * share * (1 - share)) + 0.5)
+        return sorted_values[min(n, k) - 1]
+    below = 0.0
+    for k in range(n + 1):               # P(at most k values lie below the percentile), growing in k
+        below += math.comb(n, k) * share ** k * (1 - share) ** (n - k)
+        if below >= confidence and k + 1 >= share * n:
+            return sorted_values[min(n, k + 1) - 1]
+    return sorted_values[-1]
+
+
+def _outliers(base_sorted, var_sorted) -> dict:
+    """Requests slower than OUTLIER_FACTOR x the baseline's p99 in each arm; the variant's requests
+    slower than the baseline's slowest, and the chance of that many or more with no change."""
+    p99 = percentile(base_sorted, 99)
+    if p99 is None or not var_sorted:
+        return {}
+    bound = OUTLIER_FACTOR * p99
+    beyond = len(var_sorted) - bisect.bisect_right(var_sorted, base_sorted[-1])
+    return {"bound_ms": bound, "baseline": len(base_sorted) - bisect.bisect_right(base_sorted, bound),
+            "variant": len(var_sorted) - bisect.bisect_right(var_sorted, bound),
+            "beyond_slowest": beyond, "beyond_p": beyond_chance(beyond, len(var_sorted), len(base_sorted))}
+
+
+def beyond_chance(k: int, var_n: int, base_n: int) -> float:
+    """P(at least k of the variant's var_n requests are slower than all base_n of the baseline's) when
+    both come from one distribution: the top k of the pooled requests are then all the variant's."""
+    if k <= 0:
+        return 1.0
+    if k > var_n:
+        return 0.0
+    return math.exp(sum(math.log((var_n - i) / (var_n + base_n - i)) for i in range(k)))
 
 
 def broken_rules(fig: Figures, thresholds: Thresholds) -> list:
@@ -1799,14 +1899,24 @@ def broken_rules(fig: Figures, thresholds: Thresholds) -> list:
         return [("samples", f"insufficient data: {fig.base_ok} baseline and {fig.var_ok} variant successful "
                             f"samples, {t.min_samples} needed in each")]
     broken = []
-    if fig.err_delta > t.max_err_delta_pct + EPSILON:
-        broken.append(("errors", f"error rate rose {fig.err_delta:.2f} points (at most {t.max_err_delta_pct:g} allowed)"))
-    if fig.tail is not None and fig.tail > t.max_tail_regress_pct + EPSILON:
-        p_tail = binomial_sf(fig.tail_above, fig.var_ok, 0.01)
-        if p_tail <= 1 - TAIL_CONFIDENCE:
-            broken.append(("tail", f"p99 regressed {_fmt_pct(fig.tail)} (at most {t.max_tail_regress_pct:g}% "
-                                   f"allowed; {fig.tail_above} of {fig.var_ok} requests above "
-                                   f"{fig.tail_bound:.3g} ms, p={p_tail:.2g} against 1%)"))
+    if fig.err_rise_bound is not None and fig.err_rise_bound > t.max_err_delta_pct + EPSILON:
+        broken.append(("errors", f"error rate rose {fig.err_delta:.2f} points, and the rise could be "
+                                 f"{fig.err_rise_bound:.2f} ({ERR_CONFIDENCE:.0%} bound; at most "
+                                 f"{t.max_err_delta_pct:g} allowed)"))
+    regressed = [tail for tail in fig.tails if tail["regress_pct"] > t.max_tail_regress_pct + EPSILON
+                 and tail["p"] <= 1 - TAIL_CONFIDENCE]
+    if regressed:
+        tail = regressed[-1]
+        broken.append(("tail", f"p{tail['percentile']:g} regressed {_fmt_pct(tail['regress_pct'])} (at most "
+                               f"{t.max_tail_regress_pct:g}% allowed; {tail['above']} of {fig.var_ok} requests "
+                               f"slower than {tail['bound_ms']:.3g} ms, {tail['test']} p={tail['p']:.2g})"))
+    elif fig.outliers and fig.outliers["variant"] - fig.outliers["baseline"] >= OUTLIER_EXCESS:
+        broken.append(("tail", f"{fig.outliers['variant']} requests slower than {fig.outliers['bound_ms']:.3g} ms "
+                               f"({OUTLIER_FACTOR:g} x the baseline's p99), against {fig.outliers['baseline']} in "
+                               "the baseline"))
+    elif fig.outliers and fig.outliers["beyond_p"] <= BEYOND_ALPHA:
+        broken.append(("tail", f"{fig.outliers['beyond_slowest']} requests slower than the baseline's slowest "
+                               f"(p={fig.outliers['beyond_p']:.2g} with no change)"))
     if fig.improve is None or fig.improve < t.improve_pct - EPSILON:
         change = (f"p50 got {_fmt_pct(-fig.improve)} slower" if fig.improve is not None and fig.improve < 0
                   else f"p50 improved only {_fmt_pct(fig.improve)}")
