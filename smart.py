@@ -2020,8 +2020,23 @@ class Home:
         own = os.path.join(self.root, "www")
         return own if os.path.isdir(own) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "www")
 
+    def run_folders(self) -> set:
+        """The names of the run folders under var/runs (real folders only: no symlink is ever followed)."""
+        self.check_runs()
+        if not os.path.lexists(self.runs):
+            return set()
+        return {name for name in os.listdir(self.runs)
+                if stat.S_ISDIR(os.lstat(os.path.join(self.runs, name)).st_mode)}
+
+    def check_runs(self) -> None:
+        """BadInput when var/runs is anything but a real folder (a symlink would take runs, and the
+        rotation's deletions, elsewhere)."""
+        if os.path.islink(self.runs) or (os.path.lexists(self.runs) and not os.path.isdir(self.runs)):
+            raise BadInput(f"{self.runs} is not a folder (a symbolic link or a file); remove it, a run makes it anew")
+
     def new_run_dir(self):
         """A fresh RUN_ID (UTC start time, -2, -3... if taken) and its folder."""
+        self.check_runs()
         os.makedirs(self.runs, exist_ok=True)
         base = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         for suffix in count(1):
@@ -2051,19 +2066,24 @@ def read_text(path: str):
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write text to path through a fresh temp file and a rename: a reader sees the old or the new file, never half."""
+    """Write text to path through a fresh temp file and a rename: a reader sees the old or the new file,
+    never half.  An OSError names path (a full disk says which file it kept from being written)."""
     folder = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    temp = None
     try:
+        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         with open(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fchmod(handle.fileno(), 0o644)      # the dashboard's web server reads what is published
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
+    except BaseException as exc:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        if isinstance(exc, OSError) and exc.filename != path:
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from None
         raise
 
 
@@ -2072,10 +2092,18 @@ def write_json(path: str, value) -> None:
 
 
 def append_line(path: str, line: str) -> None:
-    """Append one line to a file (created when missing), never through a symlink."""
-    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    with open(fd, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
+    """Append one line to a file (created when missing), never through a symlink; an OSError names path."""
+    try:
+        fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with open(fd, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from None
+
+
+def os_problem(exc: OSError) -> str:
+    """An OSError as the file it concerns and what went wrong: "var/state.json: No space left on device"."""
+    return f"{exc.filename}: {exc.strerror or exc}" if exc.filename else (exc.strerror or str(exc))
 
 
 def read_json(path: str, default=None):
@@ -2114,6 +2142,33 @@ def read_kept(home: Home) -> dict:
         raise BadInput(f"{home.kept}: expected an object of experiment id -> {{\"variant\": ...}}; fix it (or "
                        "check what is applied and delete it)")
     return kept
+
+
+def write_journal(home: Home, run_id: str, experiment: Experiment, variant: str, in_flight=None) -> None:
+    """var/applied.json: what is applied (or about to be), so that a crashed run's successor reverts it.
+
+    `in_flight` marks the apply or revert command running now (its processes carry it in their
+    environment): a successor stops what is left of it before it reverts.
+    """
+    write_json(home.journal, {
+        "run_id": run_id, "experiment": experiment.id, "path": experiment.path, "variant": variant,
+        "revert": experiment.revert, "pid": os.getpid(), "in_flight": in_flight, "written_at": utc_now()})
+
+
+def clear_journal(home: Home) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(home.journal)
+
+
+def forget_kept(home: Home, experiment_id, variant, run_id) -> bool:
+    """Drop kept.json's entry for an experiment when it names that variant of that run; whether it did."""
+    kept = read_kept(home)
+    mine = kept.get(experiment_id)
+    if not (mine and mine.get("variant") == variant and mine.get("run_id") == run_id):
+        return False
+    del kept[experiment_id]
+    write_json(home.kept, kept)
+    return True
 
 
 def read_journal(home: Home):
@@ -2339,7 +2394,6 @@ class Log:
                 self.handle.flush()
             except OSError as exc:       # a full disk must not stop a revert: the journal still gets it
                 self.lost = exc.strerror or str(exc)
-                emit(f"warning: run.log takes no more lines ({self.lost})", sys.stderr, "warning")
         elif self.handle is None:
             self.waiting.append(line)
         emit(line, self.out, level)
@@ -2453,18 +2507,10 @@ class RunRecord:
             self.state["stopped_early"] = f"{record['name']}: {record['stopped_early']}"
 
     def write_journal(self, experiment: Experiment, variant: str, in_flight=None) -> None:
-        """var/applied.json: what is applied (or about to be), so that a crashed run's successor reverts it.
-
-        `in_flight` marks the apply or revert command running now (its processes carry it in their
-        environment): a successor stops what is left of it before it reverts.
-        """
-        write_json(self.home.journal, {
-            "run_id": self.run_id, "experiment": experiment.id, "path": experiment.path, "variant": variant,
-            "revert": experiment.revert, "pid": os.getpid(), "in_flight": in_flight, "written_at": utc_now()})
+        write_journal(self.home, self.run_id, experiment, variant, in_flight)
 
     def clear_journal(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.home.journal)
+        clear_journal(self.home)
 
     def close(self) -> None:
         self.log.detach()
@@ -2616,24 +2662,17 @@ class Runner:
         if not result.ok:
             raise RevertFailed(f"recovery revert of {entry.get('experiment')}/{entry.get('variant')} "
                                f"{result.describe()}; fix it by hand, then run 'smart.py recover'")
-        self._forget_unfinished_keep(entry)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.home.journal)
+        # A run killed in its keep, or while reverting a kept variant, leaves kept.json naming it: undone.
+        if forget_kept(self.home, entry.get("experiment"), entry.get("variant"), entry.get("run_id")):
+            self.log(f"recovering: {entry['experiment']}/{entry['variant']} is reverted and no longer kept")
+        clear_journal(self.home)
         self._close_dead_run(entry)
         return entry
 
-    def _forget_unfinished_keep(self, entry: dict) -> None:
-        """A run killed inside its keep wrote kept.json before it cleared the journal: that keep is undone."""
-        kept = read_kept(self.home)
-        mine = kept.get(entry.get("experiment"))
-        if mine and mine.get("variant") == entry.get("variant") and mine.get("run_id") == entry.get("run_id"):
-            del kept[entry["experiment"]]
-            write_json(self.home.kept, kept)
-            self.log(f"recovering: {entry['experiment']}/{entry['variant']} was being kept when the run stopped; "
-                     "it is reverted and not kept")
-
     def _close_dead_run(self, entry) -> None:
-        """state.json of a run that died (this process holds the lock, so it is no longer running)."""
+        """The records of a run that died (this process holds the lock, so none is running): state.json,
+        and a history line for every run folder that has none."""
+        self._close_unrecorded_runs()
         state = read_json(self.home.state)
         if not isinstance(state, dict):
             return
@@ -2645,14 +2684,36 @@ class Runner:
             return
         if ours:
             reason = f"the run stopped while {entry.get('variant')} was applied; reverted by recovery at {utc_now()}"
-            if state.get("kept_variant") == entry.get("variant"):
-                state["kept_variant"] = None
         else:
             reason = f"the run (pid {state.get('pid')}) stopped with nothing applied; closed by recovery at {utc_now()}"
-        state.update(status="interrupted", phase="recovered", reason=reason, current=None, updated_at=utc_now())
+        kept = read_kept(self.home).get(state.get("experiment")) or {}
+        state.update(status="interrupted", phase="recovered", reason=reason, current=None, updated_at=utc_now(),
+                     kept_variant=kept.get("variant") if kept.get("run_id") == state.get("run_id") else None)
         write_json(self.home.state, state)
         self.append_history(state)
         self.log(f"recovering: run {state.get('run_id')} closed as interrupted: {reason}")
+
+    def _close_unrecorded_runs(self) -> None:
+        """A history line for each run folder that has none (a run that died before it wrote its first
+        state, or between its last state and its history line, on a full disk or a SIGKILL)."""
+        state = read_json(self.home.state)
+        state = state if isinstance(state, dict) else {}
+        recorded = {entry.get("run_id") for entry in _history(self.home)}
+        for run_id in sorted(self.home.run_folders() - recorded):
+            if run_id == state.get("run_id"):
+                if state.get("status") != "running":      # finished, all but its history line
+                    self.append_history(state)
+                continue
+            try:
+                with open(open_nofollow(os.path.join(self.home.runs, run_id, "run.log")), encoding="utf-8",
+                          errors="replace") as handle:
+                    found = re.search(r" run \S+: experiment (\S+)", handle.read(65536))
+            except OSError:
+                found = None
+            self.append_history({"run_id": run_id, "experiment": found.group(1) if found else None,
+                                 "status": "interrupted", "finished_at": utc_now(), "variants": [],
+                                 "reason": "the run stopped before it recorded its state; closed by recovery"})
+            self.log(f"recovering: run {run_id} had no record; closed as interrupted")
 
     def revert_kept(self, experiment: Experiment) -> bool:
         """Run the revert of the experiment's kept variant and forget it; RevertFailed if that fails."""
@@ -2660,12 +2721,16 @@ class Runner:
         entry = kept.get(experiment.id)
         if not entry:
             return False
-        result = self.command(f"revert {entry.get('variant')}", experiment.revert, experiment.path)
+        variant, run_id = entry.get("variant"), entry.get("run_id")
+        token = secrets.token_hex(8)          # under the journal: a revert cut short is finished by recovery
+        write_journal(self.home, run_id, experiment, variant, in_flight=token)
+        result = self.command(f"revert {variant}", experiment.revert, experiment.path, env=marked(token))
         if not result.ok:
-            raise RevertFailed(f"revert of {experiment.id}/{entry.get('variant')} {result.describe()}")
-        del kept[experiment.id]
-        write_json(self.home.kept, kept)
-        self.log(f"{experiment.id}: reverted {entry.get('variant')}")
+            raise RevertFailed(f"revert of {experiment.id}/{variant} {result.describe()}; the journal "
+                               "var/applied.json stays and the next run retries the revert first")
+        forget_kept(self.home, experiment.id, variant, run_id)
+        clear_journal(self.home)
+        self.log(f"{experiment.id}: reverted {variant}")
         return True
 
     def resting(self, experiment: Experiment):
@@ -2700,7 +2765,7 @@ class Runner:
         except RevertFailed as exc:
             status, reason = "failed", str(exc)
         except (OSError, SmartError) as exc:
-            status, reason = "failed", str(exc) if isinstance(exc, SmartError) else f"I/O error: {exc}"
+            status, reason = "failed", str(exc) if isinstance(exc, SmartError) else f"I/O error: {os_problem(exc)}"
         problems = []
         if status != "done":
             reason = trial.switch.abandon(reason)
@@ -2712,9 +2777,11 @@ class Runner:
             self.hook("post-run", record)
         except OSError as exc:
             status = "failed"
-            problems.append(f"could not be recorded: {exc}")
+            problems.append(f"could not be recorded ({os_problem(exc)})")
         finally:
             record.close()
+        if self.log.lost:
+            problems.append(f"run.log is incomplete ({self.log.lost})")
         if problems:
             emit(f"error: run {record.run_id} of {experiment.id} " + "; and ".join(problems), sys.stderr, "error")
         return status
@@ -2775,7 +2842,7 @@ class Runner:
         stepped back gives a new run a name that sorts first.  Folders the history does not know
         go first.
         """
-        folders = {e for e in os.listdir(self.home.runs) if os.path.isdir(os.path.join(self.home.runs, e))}
+        folders = self.home.run_folders()
         finished = list(dict.fromkeys(entry.get("run_id") for entry in reversed(list(_history(self.home)))))[::-1]
         known = [run_id for run_id in finished if run_id in folders and run_id != current]
         ranked = sorted(folders - set(known) - {current}) + known
@@ -3123,13 +3190,15 @@ class Switcher:
         self.applied = None
 
     def keep(self, name: str) -> None:
-        """Leave the applied variant in place for good: kept.json says so, the journal goes."""
+        """Leave the applied variant in place for good: state.json, then kept.json say so, then the
+        journal goes.  Cut short anywhere, the journal still names the variant and recovery reverts
+        it (and forgets a kept.json entry that got written)."""
         home = self.record.home
+        self.record.save(kept_variant=name, phase=f"kept {name}")
         kept = read_kept(home)
         kept[self.experiment.id] = {"variant": name, "run_id": self.record.run_id, "kept_at": utc_now(),
                                     "revert": self.experiment.revert, "path": self.experiment.path}
         write_json(home.kept, kept)
-        self.record.save(kept_variant=name, phase=f"kept {name}")
         self.record.clear_journal()
         self.applied = None
         self.record.log(f"kept {name}: it stays applied")
@@ -3141,11 +3210,14 @@ class Switcher:
             return reason
         try:
             self.back()
+            with contextlib.suppress(OSError, SmartError):
+                forget_kept(self.record.home, self.experiment.id, name, self.record.run_id)
+                self.record.save(kept_variant=None)
             return f"{reason}; {name} reverted"
         except RevertFailed as exc:
             return f"{reason}; {exc}"
         except OSError as exc:
-            return f"{reason}; the revert could not be recorded ({exc})"
+            return f"{reason}; the revert could not be recorded ({os_problem(exc)})"
 
 
 ###### Measuring: the prober or measure.sh, watched by the guard and the looks ######
