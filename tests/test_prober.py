@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 from unittest import mock
@@ -170,6 +172,21 @@ class HostileTests(Case):
                 self.assertLess(time.monotonic() - started, 5.0)
                 self.assertTrue(result.stopped_early)
                 self.assertGreater(result.bytes_received, 0)
+
+    def test_sigterm_during_a_streaming_body_ends_the_probe(self):
+        # A run's StopFlag (set by SIGTERM) is its should_stop: a real run ignored SIGTERM for
+        # 40 s while a body streamed, because the read loop never came back to ask.
+        server = self.serve(endless_chunks)
+        stop = smart.StopFlag()
+        self.addCleanup(stop.install())
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        self.addCleanup(timer.cancel)
+        started = time.monotonic()
+        timer.start()
+        result, _, rows = self.probe(server.url + "/", 60, interval=1.0, timeout=60, should_stop=lambda: bool(stop))
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertEqual(stop.signal_name, "SIGTERM")
+        self.assertTrue(result.stopped_early)
 
     def test_should_stop_is_asked_while_the_loop_waits(self):
         # interval 60 s: the loop would sleep a minute between probes without asking.
