@@ -658,9 +658,9 @@ class _Conn:
     """One connection of the prober and the request it carries."""
 
     __slots__ = ("sock", "state", "out", "head", "response", "due", "deadline", "served", "retried",
-                 "target", "origin", "slot")
+                 "target", "origin")
 
-    def __init__(self, slot=None):
+    def __init__(self):
         self.sock = None
         self.state = "closed"
         self.out = b""
@@ -670,7 +670,6 @@ class _Conn:
         self.served = 0
         self.retried = False
         self.target = self.origin = None
-        self.slot = slot
 
 
 class ProbeResult:
@@ -772,8 +771,8 @@ class Prober:
         next_due = start
         next_progress = start
         if self.concurrency:
-            for slot in range(self.concurrency):
-                self._send(_Conn(slot), start, self._next_target())
+            for _ in range(self.concurrency):
+                self._send(_Conn(), start, self._next_target())
         try:
             while True:
                 now = clock()
