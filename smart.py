@@ -42,6 +42,7 @@ import pwd
 import random
 import re
 import secrets
+import select
 import selectors
 import shlex
 import shutil
@@ -314,6 +315,7 @@ A_COMMAND = Kind.text("a shell command string")
 META_FIELDS = {
     "id": A_STRING,
     "description": A_STRING,
+    "target_url": A_STRING,
     "revert": A_COMMAND,
     "decide": A_COMMAND,
     "design": SETTINGS["DESIGN"][1],
@@ -342,7 +344,15 @@ def measure_fields() -> dict:
         "headers": Kind("a list of \"Name: value\" strings", None,
                         lambda value: isinstance(value, list) and all(isinstance(h, str) for h in value)),
         "insecure": Kind("true or false", None, lambda value: isinstance(value, bool)),
+        "connections": Kind.choice(*CONNECTION_MODES),
     }
+
+
+EXPECT_FIELDS = {     # meta.json's `expect` of a URL: what its every answer must show
+    "status": Kind.number(int, 100, 999),
+    "body": Kind.text("a non-empty text", r"(?s)^.+\Z"),
+}
+URL_FIELDS = {"url": A_STRING, "weight": Kind.number(int, 1, 1000), "expect": None}
 
 
 class Experiment:
@@ -356,7 +366,10 @@ class Experiment:
         self.baseline = next((v for v in self.variants if v["name"] == "baseline"), self.variants[0])
         self.candidates = [v for v in self.variants if v is not self.baseline]
         self.revert = meta.get("revert") or "./revert.sh"
-        self.target_url = meta.get("target_url")
+        # the URLs to measure: one target_url (with its expect), or a weighted page mix
+        self.urls = meta.get("urls") or ([{"url": meta["target_url"], "expect": meta.get("expect") or {}}]
+                                         if meta.get("target_url") else [])
+        self.target_url = self.urls[0]["url"] if self.urls else None
         self.interval = meta.get("measure_interval_sec")
         self.measure = meta.get("measure") or {}
         self.measure_sh = os.path.isfile(os.path.join(path, "measure.sh"))
@@ -376,6 +389,14 @@ class Experiment:
 
     def variant(self, name: str):
         return next((v for v in self.variants if v["name"] == name), None)
+
+    def targets(self) -> list:
+        """The built-in prober's Targets: each URL with its weight and expected answer."""
+        spec = self.measure
+        return [Target(entry["url"], spec.get("method", "GET"), spec.get("headers", []), bool(spec.get("insecure")),
+                       weight=entry.get("weight", 1), expect_status=(entry.get("expect") or {}).get("status"),
+                       expect_body=(entry.get("expect") or {}).get("body"))
+                for entry in self.urls]
 
 
 def load_experiment(path: str) -> Experiment:
@@ -405,8 +426,11 @@ def load_experiment(path: str) -> Experiment:
             check(field, meta[field], kind)
     _check_variants(meta.get("variants"), bad)
     has_measure_sh = os.path.isfile(os.path.join(path, "measure.sh"))
-    if meta.get("target_url") is None and not has_measure_sh:
-        raise bad("target_url", "required (or a measure.sh in the folder)")
+    if meta.get("target_url") is None and meta.get("urls") is None and not has_measure_sh:
+        raise bad("target_url", "required (or urls, or a measure.sh in the folder)")
+    if meta.get("target_url") is not None and meta.get("urls") is not None:
+        raise bad("urls", "give target_url or urls, not both")
+    _check_urls(meta, bad, check)
     measure = meta.get("measure", {})
     if not isinstance(measure, dict):
         raise bad("measure", "expected an object")
@@ -417,18 +441,54 @@ def load_experiment(path: str) -> Experiment:
         check(f"measure.{key}", value, fields[key])
     if sum(key in measure for key in ("concurrency", "rate")) > 1:
         raise bad("measure", "choose concurrency or rate, not both")
-    if meta.get("target_url") is not None:
-        try:
-            Target(meta["target_url"], measure.get("method", "GET"), measure.get("headers", []))
-        except BadInput as exc:
-            raise bad("target_url" if "URL" in str(exc) else "measure", str(exc)) from None
     experiment = Experiment(path, meta)
+    try:
+        experiment.targets()
+    except BadInput as exc:                  # the prober's own words name its command-line flags
+        problem = str(exc)
+        for flag, field in (("--method", "measure.method"), ("--header", "measure.headers"),
+                            ("--expect-status", "expect.status"), ("--expect-body", "expect.body")):
+            if problem.startswith(flag):
+                raise bad(field, problem[len(flag):].strip()) from None
+        raise bad("urls" if meta.get("urls") else "target_url", problem) from None
     for variant in experiment.candidates:
         if experiment.apply_command(variant) is None:
             raise bad(f"variant {variant['name']!r}", "no apply command and no apply.sh in the folder")
     if not meta.get("revert") and not os.path.isfile(os.path.join(path, "revert.sh")):
         raise bad("revert", "required (or a revert.sh in the folder)")
     return experiment
+
+
+def _check_urls(meta: dict, bad, check) -> None:
+    """target_url's expect, or the urls list: each {"url", "weight", "expect": {"status", "body"}}."""
+    entries = [("", {"url": meta["target_url"], "expect": meta.get("expect")})] if meta.get("urls") is None else None
+    if meta.get("urls") is not None:
+        if not isinstance(meta["urls"], list) or not meta["urls"]:
+            raise bad("urls", "expected a non-empty list of {\"url\": ..., \"weight\": ..., \"expect\": ...}")
+        entries = [(f"urls[{index}].", entry) for index, entry in enumerate(meta["urls"])]
+    elif meta.get("target_url") is None:
+        if meta.get("expect") is not None:
+            raise bad("expect", "needs a target_url")
+        return
+    for where, entry in entries:
+        if not isinstance(entry, dict):
+            raise bad(where.rstrip("."), "expected an object with url, and optionally weight and expect")
+        for key, value in entry.items():
+            if key not in URL_FIELDS:
+                raise bad(f"{where}{key}", f"unknown; expected one of {', '.join(URL_FIELDS)}")
+            if URL_FIELDS[key] is not None:
+                check(f"{where}{key}", value, URL_FIELDS[key])
+        if not isinstance(entry.get("url"), str):
+            raise bad(f"{where}url", "required")
+        expect = entry.get("expect")
+        if expect is None:
+            continue
+        if not isinstance(expect, dict):
+            raise bad(f"{where}expect", "expected an object with status and/or body")
+        for key, value in expect.items():
+            if key not in EXPECT_FIELDS:
+                raise bad(f"{where}expect.{key}", f"unknown; expected one of {', '.join(EXPECT_FIELDS)}")
+            check(f"{where}expect.{key}", value, EXPECT_FIELDS[key])
 
 
 def _check_variants(variants, bad) -> None:
@@ -527,12 +587,28 @@ def find_experiments(home: str, names) -> list:
 
 USER_AGENT = f"smart.py/{__version__}"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+MAX_HEAD = 64 * 1024            # a response head larger than this is not HTTP we can use: code 0
+MAX_BODY = 64 * 1024 * 1024     # a body larger than this ends as a failed row (code 0), connection closed
+MAX_LINE = 4096                 # a chunk-size or trailer line longer than this: code 0
+MAX_WEIGHT = 1000
+_RECV = 16384                   # bytes per read
+_READ_NS = 1_000_000            # reading one connection yields to the loop after this long
+_POLL_NS = 50_000_000           # should_stop is asked at least this often
+CONNECTION_MODES = ("reuse", "new", "resume")
 
 
 class Target:
-    """A URL to probe, parsed and checked before anything is sent, with its request bytes."""
+    """A URL to probe, checked before anything is sent: its request bytes, its weight in a page
+    mix, and what its responses must show (a status, a text in the body) to pass."""
 
-    def __init__(self, url: str, method: str = "GET", headers=(), insecure: bool = False):
+    @staticmethod
+    def label_of(url: str) -> str:
+        """A URL as the CSV's url column holds it (a comma would split the row)."""
+        return url.replace(",", "%2C")
+
+    def __init__(self, url: str, method: str = "GET", headers=(), insecure: bool = False, *,
+                 weight: int = 1, expect_status=None, expect_body=None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise BadInput(f"URL {url!r}: scheme must be http:// or https://")
@@ -546,20 +622,49 @@ class Target:
             raise BadInput(f"URL {url!r}: no host name, or a blank inside")
         if not _TOKEN.match(method):
             raise BadInput(f"--method {method!r} is not an HTTP method name")
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+            raise BadInput(f"URL {url!r}: the weight must be a whole number from 1 to {MAX_WEIGHT}, got {weight!r}")
+        if expect_status is not None and (isinstance(expect_status, bool) or not isinstance(expect_status, int)
+                                          or not 100 <= expect_status <= 999):
+            raise BadInput(f"--expect-status {expect_status!r} is not an HTTP status (100-999)")
+        if expect_body is not None and (not isinstance(expect_body, str) or not expect_body):
+            raise BadInput("--expect-body must be a non-empty text")
         self.url, self.method, self.host = url, method.upper(), parts.hostname
+        if expect_body is not None and self.method == "HEAD":
+            raise BadInput("--expect-body cannot be checked: a HEAD response has no body")
+        self.label = self.label_of(url)
+        self.weight = weight
+        self.expect_status = expect_status
+        self.expect_body = None if expect_body is None else expect_body.encode("utf-8")
+        self.checked = expect_status is not None or expect_body is not None
         self.tls = parts.scheme == "https"
         self.port = port or (443 if self.tls else 80)
+        self.origin = (parts.scheme, self.host, self.port, bool(insecure))   # what a connection can serve
         host = f"[{self.host}]" if ":" in self.host else self.host
         if port and port != (443 if self.tls else 80):
             host += f":{port}"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        lines = [f"{self.method} {path} HTTP/1.1", f"Host: {host}", f"User-Agent: {USER_AGENT}", "Accept: */*"]
+        # A header the user gives replaces the default of that name: two Host headers are a 400.
+        fields = {"host": f"Host: {host}", "user-agent": f"User-Agent: {USER_AGENT}", "accept": "Accept: */*"}
+        replaced, extra = set(), []
         for header in headers:
             name, sep, value = header.partition(":")
-            if not sep or not _TOKEN.match(name.strip()) or "\r" in value or "\n" in value:
+            name = name.strip()
+            if not sep or not _TOKEN.match(name) or "\r" in value or "\n" in value:
                 raise BadInput(f"--header {header!r}: expected NAME:VALUE")
-            lines.append(f"{name.strip()}: {value.strip()}")
+            key = name.lower()
+            if key == "host" and key in replaced:
+                raise BadInput(f"--header {header!r}: a second Host header (servers answer 400)")
+            if key in fields and key not in replaced:
+                fields[key] = f"{name}: {value.strip()}"
+                replaced.add(key)
+            else:
+                extra.append(f"{name}: {value.strip()}")
+        lines = [f"{self.method} {path} HTTP/1.1", *fields.values(), *extra]
         self.request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        if not any(line.lower().startswith("connection:") for line in extra):
+            lines.append("Connection: close")
+        self.request_close = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
         self.ssl_context = None
         if self.tls:
             self.ssl_context = ssl.create_default_context()
@@ -568,18 +673,67 @@ class Target:
                 self.ssl_context.verify_mode = ssl.CERT_NONE
 
 
-class _Response:
-    """Incremental HTTP/1.1 response parsing over a connection's buffer."""
+def weighted_url(text: str):
+    """'URL@WEIGHT' (a trailing @ and a whole number) -> (URL, WEIGHT); a plain URL weighs 1."""
+    match = re.fullmatch(r"(.+)@(\d+)", text)
+    return (match[1], int(match[2])) if match else (text, 1)
 
-    __slots__ = ("status", "body_start", "length", "chunked", "keep_alive")
+
+def smooth_weighted(weights):
+    """Indices into weights, forever, in nginx's smooth weighted round-robin order: each turn
+    every entry gains its weight, the largest (the first on a tie) is chosen and loses the total."""
+    current = [0] * len(weights)
+    total = sum(weights)
+    while True:
+        for index, weight in enumerate(weights):
+            current[index] += weight
+        best = current.index(max(current))
+        current[best] -= total
+        yield best
+
+
+def _target_list(targets) -> list:
+    targets = [targets] if isinstance(targets, Target) else list(targets)
+    if not targets:
+        raise BadInput("no URL to probe")
+    return targets
+
+
+def _columns(targets) -> tuple:
+    """Whether rows carry a url column (a page mix) and a check column (any target checks)."""
+    return len(targets) > 1, any(target.checked for target in targets)
+
+
+def csv_header(targets, block=False) -> str:
+    """The measurement CSV's header line (newline included) for the rows a Prober of these
+    targets writes: timestamp,latency_ms,response_code[,block][,url][,check]."""
+    url, check = _columns(_target_list(targets))
+    return ("timestamp,latency_ms,response_code" + (",block" if block else "") + (",url" if url else "")
+            + (",check" if check else "") + "\n")
+
+
+class _BodyTooLarge(ValueError):
+    """A response body longer than MAX_BODY."""
+
+
+class _Response:
+    """One response read incrementally: the head from at most MAX_HEAD bytes, then the body counted
+    and dropped as it arrives.  A body check keeps only the last len(expected) - 1 bytes, so a text
+    split across two reads is still found; chunked framing is a small state machine, never a rescan."""
+
+    __slots__ = ("status", "body_start", "length", "chunked", "keep_alive", "received", "left", "state",
+                 "line", "expect", "window", "found")
 
     @classmethod
-    def parse_head(cls, buf: bytearray, head_request: bool):
-        """The status line and headers once complete, else None; ValueError on garbage."""
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > 65536:
-                raise ValueError("response headers larger than 64 KiB")
+    def parse_head(cls, buf: bytearray, head_request: bool, since: int = 0):
+        """The status line and headers once complete, else None; ValueError on garbage.
+
+        `since` is how much of buf an earlier call searched already (a head that drips in is not
+        searched from its start again)."""
+        end = buf.find(b"\r\n\r\n", max(0, since - 3))
+        if end < 0 or end > MAX_HEAD:
+            if len(buf) > MAX_HEAD:
+                raise ValueError(f"response headers larger than {MAX_HEAD >> 10} KiB")
             return None
         lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
@@ -594,6 +748,8 @@ class _Response:
             name, _, value = line.partition(":")
             name, value = name.strip().lower(), value.strip().lower()
             if name == "content-length":
+                if not value.isdigit():
+                    raise ValueError(f"Content-Length {value[:30]!r} is not a whole number")
                 response.length = int(value)
             elif name == "transfer-encoding" and "chunked" in value:
                 response.chunked = True
@@ -601,60 +757,122 @@ class _Response:
                 response.keep_alive = "close" not in value and (response.keep_alive or "keep-alive" in value)
         if head_request or response.status in (204, 304) or 100 <= response.status < 200:
             response.length, response.chunked = 0, False
-        if response.length is None and not response.chunked:
+        if response.chunked:
+            response.length = None
+        elif response.length is None:
             response.keep_alive = False     # the body runs to the end of the connection
+        elif response.length > MAX_BODY:
+            raise _BodyTooLarge(f"Content-Length {response.length} is over the {MAX_BODY >> 20} MiB cap")
+        response.received = 0
+        response.left = response.length     # body (or current chunk) bytes still to come
+        response.state = "size"
+        response.line = b""
+        response.expect, response.window, response.found = None, b"", False
         return response
 
-    def body_end(self, buf: bytearray):
-        """Index just past the body when the whole body is in buf, else None."""
+    @property
+    def to_close(self) -> bool:
+        """The body has no length: the server's close ends it."""
+        return self.length is None and not self.chunked
+
+    def feed(self, data: bytes):
+        """Take the next bytes of the body; the index in data just past its end once it is
+        complete, else None.  ValueError on broken chunk framing, _BodyTooLarge past MAX_BODY."""
         if self.chunked:
-            return _chunked_end(buf, self.body_start)
-        if self.length is None:
-            return None
-        end = self.body_start + self.length
-        return end if len(buf) >= end else None
+            end = self._chunks(data)
+        else:
+            take = len(data) if self.left is None else min(self.left, len(data))
+            self._scan(data if take == len(data) else data[:take])
+            if self.left is not None:
+                self.left -= take
+            end = take if self.left == 0 else None
+        self.received += len(data) if end is None else end
+        if self.received > MAX_BODY:
+            raise _BodyTooLarge(f"response body over the {MAX_BODY >> 20} MiB cap")
+        return end
 
+    def _chunks(self, data: bytes):
+        pos, size = 0, len(data)
+        while pos < size:
+            if self.state == "data":
+                take = min(self.left, size - pos)
+                self._scan(data[pos:pos + take])
+                pos += take
+                self.left -= take
+                if not self.left:
+                    if data.startswith(b"\r\n", pos):
+                        pos, self.state = pos + 2, "size"
+                    else:
+                        self.state = "crlf"
+                continue
+            line, pos = self._line(data, pos)
+            if line is None:
+                return None
+            if self.state == "size":
+                digits = line.partition(b";")[0].strip()
+                if not _CHUNK_SIZE.fullmatch(digits):
+                    raise ValueError(f"chunk size {digits[:20]!r} is not hex digits")
+                self.left = int(digits, 16)
+                self.state = "data" if self.left else "trailer"
+            elif self.state == "crlf":
+                if line:
+                    raise ValueError("chunk data longer than its chunk size")
+                self.state = "size"
+            elif not line:
+                return pos                  # the empty line after the last chunk and any trailers
+        return None
 
-def _chunked_end(buf: bytearray, pos: int):
-    while True:
-        line_end = buf.find(b"\r\n", pos)
-        if line_end < 0:
-            return None
-        size = int(bytes(buf[pos:line_end]).split(b";")[0].strip() or b"x", 16)
-        if size < 0:
-            raise ValueError("negative chunk size")
-        if size == 0:
-            trailer_end = buf.find(b"\r\n\r\n", line_end)
-            if buf[line_end:line_end + 4] == b"\r\n\r\n":
-                return line_end + 4
-            return None if trailer_end < 0 else trailer_end + 4
-        pos = line_end + 2 + size + 2
-        if len(buf) < pos:
-            return None
+    def _line(self, data: bytes, pos: int):
+        """The next line without its line end, and the index after it; (None, len(data)) while
+        the line is still arriving."""
+        end = data.find(b"\n", pos)
+        if end < 0:
+            self.line += data[pos:]
+            if len(self.line) > MAX_LINE:
+                raise ValueError(f"a chunk-size or trailer line over {MAX_LINE} bytes")
+            return None, len(data)
+        line = self.line + data[pos:end] if self.line else data[pos:end]
+        self.line = b""
+        if len(line) > MAX_LINE:
+            raise ValueError(f"a chunk-size or trailer line over {MAX_LINE} bytes")
+        return (line[:-1] if line.endswith(b"\r") else line), end + 1
+
+    def _scan(self, piece: bytes) -> None:
+        if self.expect is None or self.found:
+            return
+        hay = self.window + piece
+        if self.expect in hay:
+            self.found = True
+            return
+        keep = len(self.expect) - 1
+        self.window = hay[-keep:] if keep else b""
 
 
 class _Conn:
-    """One keep-alive connection of the prober and the request it carries."""
+    """One connection of the prober and the request it carries."""
 
-    __slots__ = ("sock", "state", "out", "buf", "due", "deadline", "served", "retried", "response", "slot")
+    __slots__ = ("sock", "state", "out", "head", "response", "due", "deadline", "served", "retried",
+                 "target", "origin")
 
-    def __init__(self, slot=None):
+    def __init__(self):
         self.sock = None
         self.state = "closed"
         self.out = b""
-        self.buf = bytearray()
+        self.head = bytearray()
+        self.response = None
         self.due = self.deadline = 0
         self.served = 0
         self.retried = False
-        self.response = None
-        self.slot = slot
+        self.target = self.origin = None
 
 
 class ProbeResult:
-    """What a probe did: rows written, errors, connections opened, in-flight cap hits."""
+    """What a probe did: rows written, errors, connections opened, in-flight cap hits, bytes
+    received, bodies over the cap, failed checks, TLS handshakes and how many resumed a session."""
 
     def __init__(self):
         self.rows = self.errors = self.connections = self.cap_hits = self.max_in_flight = 0
+        self.bytes_received = self.oversized = self.check_failures = self.handshakes = self.resumed = 0
         self.elapsed = 0.0
         self.stopped_early = False
 
@@ -670,48 +888,68 @@ def _iso_millis(epoch: float, _cache={}) -> str:
 
 _SHAPE_LIMITS = {"duration": (1e-3, 7 * 86400), "interval": (1e-3, 86400), "rate": (1e-3, 100000),
                  "concurrency": (1, 10000), "timeout": (1e-3, 3600), "max_in_flight": (1, 10000)}
+_SHAPE_CHOICES = {"connections": CONNECTION_MODES}
 
 
 def check_shape(duration, **shape) -> None:
-    """BadInput unless the measurement's length and load shape are sane numbers (checked before any I/O)."""
+    """BadInput unless the measurement's length, load shape and connection mode are sane (checked
+    before any I/O) against _SHAPE_LIMITS and _SHAPE_CHOICES."""
     if sum(shape.get(key) is not None for key in ("interval", "concurrency", "rate")) > 1:
         raise BadInput("choose one load shape: --interval, --concurrency or --rate")
     for name, value in dict(shape, duration=duration).items():
+        flag = f"--{name.replace('_', '-')}"
         if value is None:
             continue
+        if name in _SHAPE_CHOICES:
+            if value not in _SHAPE_CHOICES[name]:
+                raise BadInput(f"{flag} must be one of {', '.join(_SHAPE_CHOICES[name])}, got {value!r}")
+            continue
+        if name not in _SHAPE_LIMITS:
+            raise BadInput(f"{name!r} is not a measurement setting")
         low, high = _SHAPE_LIMITS[name]
-        if not (isinstance(value, (int, float)) and low <= value <= high):
-            raise BadInput(f"--{name.replace('_', '-')} must be a number from {low:g} to {high:g}, got {value!r}")
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and low <= value <= high):
+            raise BadInput(f"{flag} must be a number from {low:g} to {high:g}, got {value!r}")
 
 
 class Prober:
-    """An event loop over non-blocking keep-alive connections, for the three load shapes.
+    """An event loop over non-blocking connections, for the three load shapes and a page mix.
 
     interval: one connection, a probe due every `interval` seconds; concurrency: N connections,
     each sending the next request when the last ends (closed loop); rate: requests due on a fixed
-    schedule (open loop) over as many connections as needed up to `max_in_flight`.  Latency runs
-    from the moment a request was due (open loop and interval) or sent (closed loop) to the last
-    byte of the body; a request without a response within `timeout` is a row with code 0.
+    schedule (open loop) over as many connections as needed up to `max_in_flight`.  Requests go to
+    the targets in smooth weighted round-robin order.  connections: "reuse" (keep-alive), "new" (a
+    new connection and TLS handshake per request) or "resume" (a new connection offering the last
+    TLS session).  Latency runs from the moment a request was due (open loop and interval) or sent
+    (closed loop) to the last byte of the body; a request without its whole response within
+    `timeout` is a row with code 0, as is a body over MAX_BODY.
     """
 
-    def __init__(self, target: Target, duration: float, out, *, interval=None, concurrency=None,
-                 rate=None, timeout=5.0, max_in_flight=256, on_row=None, should_stop=None, progress=None,
-                 block=None):
+    def __init__(self, targets, duration: float, out, *, interval=None, concurrency=None, rate=None,
+                 timeout=5.0, max_in_flight=256, connections="reuse", on_row=None, should_stop=None,
+                 progress=None, block=None):
         check_shape(duration, interval=interval, concurrency=concurrency, rate=rate, timeout=timeout,
-                    max_in_flight=max_in_flight)
-        self.target, self.out = target, out
+                    max_in_flight=max_in_flight, connections=connections)
+        self.targets, self.out = _target_list(targets), out
+        self.order = smooth_weighted([t.weight for t in self.targets]) if len(self.targets) > 1 else repeat(0)
         self.duration_ns = int(duration * 1e9)
         self.timeout_ns = int(timeout * 1e9)
         self.concurrency = int(concurrency) if concurrency else None
         self.period_ns = None if self.concurrency else int(1e9 / rate if rate else (interval or 1.0) * 1e9)
         self.cap = 1 if interval or not (rate or concurrency) else int(max_in_flight)
+        self.reuse, self.resume = connections == "reuse", connections == "resume"
         self.on_row, self.should_stop, self.progress = on_row, should_stop, progress
-        self.suffix = "\n" if block is None else f",{block}\n"
+        self.block = "" if block is None else f",{block}"
+        self.labelled, self.checked = _columns(self.targets)
+        # A TLS session resumes only under the context that made it: one context per origin.
+        self.contexts = {t.origin: t.ssl_context for t in reversed(self.targets) if t.tls}
+        self.sessions = {}
+        self.addresses = {}
         self.result = ProbeResult()
         self.selector = selectors.DefaultSelector()
-        self.idle = []
+        self.precise = True
+        self.idle = {}                      # origin -> idle keep-alive connections
         self.busy = set()
-        self.pending = collections.deque()
+        self.pending = collections.deque()  # (due, target) of requests waiting for a connection
         self.rows = []
         self.resting = []
         self.recent = collections.deque(maxlen=1000)
@@ -727,8 +965,8 @@ class Prober:
         next_due = start
         next_progress = start
         if self.concurrency:
-            for slot in range(self.concurrency):
-                self._send(_Conn(slot), start)
+            for _ in range(self.concurrency):
+                self._send(_Conn(), start, self._next_target())
         try:
             while True:
                 now = clock()
@@ -737,7 +975,7 @@ class Prober:
                     break
                 if self.period_ns:
                     while next_due <= now and next_due < end:
-                        self.pending.append(next_due)
+                        self.pending.append((next_due, self._next_target()))
                         next_due += self.period_ns
                     self._dispatch()
                 if self.resting:
@@ -748,27 +986,49 @@ class Prober:
                     break
                 if now >= hard_end:
                     # Requests still queued behind the in-flight cap never got an answer: error rows.
-                    for due in self.pending:
-                        self._finish(_Conn(), 0, now, keep=False, due=due)
+                    for due, target in self.pending:
+                        conn = _Conn()
+                        conn.due, conn.target = due, target
+                        self._finish(conn, 0, now, keep=False)
                     self.pending.clear()
                     break
                 if self.progress is not None and now >= next_progress:
                     self.progress(self._progress_line(now))
                     next_progress = now + 500_000_000
-                wake = min(end if now < end else hard_end, self._earliest_deadline(hard_end))
+                wake = min(end if now < end else hard_end, self._earliest_deadline(hard_end), now + _POLL_NS)
                 if self.period_ns and next_due < end:
                     wake = min(wake, next_due)
                 if self.resting:
                     wake = min(wake, min(at for at, _ in self.resting))
-                for key, mask in self.selector.select(max(0.0, (wake - clock()) / 1e9)):
+                for key, mask in self._wait((wake - clock()) / 1e9):
                     self._on_event(key.data, mask)
         finally:
             self._flush()
-            for conn in list(self.busy) + self.idle:
+            for conn in [*self.busy, *(conn for pool in self.idle.values() for conn in pool)]:
                 self._close(conn)
             self.selector.close()
             self.result.elapsed = (clock() - start) / 1e9
         return self.result
+
+    def _wait(self, seconds):
+        """The ready events, waiting at most `seconds`, waking on time to the microsecond.
+
+        epoll counts its timeout in whole milliseconds and Python rounds it up, so a loop asleep
+        in it sends up to 1 ms late, and later still as the lag adds up from request to request.
+        select() on the epoll descriptor itself wakes on the same events, timed in microseconds;
+        beyond select()'s descriptor limit (a process with over 1023 files open) epoll waits alone.
+        """
+        if seconds > 0 and self.precise:
+            try:
+                select.select([self.selector], [], [], seconds)
+            except ValueError:
+                self.precise = False
+                return self.selector.select(seconds)
+            return self.selector.select(0)
+        return self.selector.select(seconds)
+
+    def _next_target(self) -> Target:
+        return self.targets[next(self.order)]
 
     def _progress_line(self, now):
         recent = sorted(self.recent)
@@ -778,21 +1038,19 @@ class Prober:
 
     def _dispatch(self):
         while self.pending:
-            if self.idle:
-                conn = self.idle.pop()
-            elif len(self.busy) < self.cap:
-                conn = _Conn()
-            else:
+            if len(self.busy) >= self.cap:
                 self.result.cap_hits += 1
                 return
-            self._send(conn, self.pending.popleft())
+            due, target = self.pending.popleft()
+            pool = self.idle.get(target.origin)
+            self._send(pool.pop() if pool else _Conn(), due, target)
 
     def _wake_resting(self, now, end):
         due = [(at, conn) for at, conn in self.resting if at <= now]
         self.resting = [(at, conn) for at, conn in self.resting if at > now]
         for _, conn in due:
             if now < end:
-                self._send(conn, now)
+                self._send(conn, now, self._next_target())
 
     def _earliest_deadline(self, default):
         return min((conn.deadline for conn in self.busy), default=default)
@@ -802,17 +1060,18 @@ class Prober:
             self._finish(conn, 0, now, keep=False)
 
     # -- one request --
-    def _send(self, conn: _Conn, due: int):
-        conn.due = due
+    def _send(self, conn: _Conn, due: int, target: Target):
+        if conn.sock is not None and conn.origin != target.origin:
+            self._close(conn)               # a closed-loop slot moving to another origin of the mix
+        conn.due, conn.target, conn.origin = due, target, target.origin
         conn.deadline = time.perf_counter_ns() + self.timeout_ns
-        conn.buf.clear()
+        conn.head.clear()
         conn.response = None
-        conn.out = self.target.request
+        conn.out = target.request if self.reuse else target.request_close
         self.busy.add(conn)
         self.result.max_in_flight = max(self.result.max_in_flight, len(self.busy))
         if conn.sock is None:
-            if not self._connect(conn):
-                return
+            self._connect(conn)
         else:
             conn.state = "sending"
             try:
@@ -820,23 +1079,26 @@ class Prober:
             except OSError as exc:
                 self._failed(conn, exc)
 
-    def _connect(self, conn: _Conn) -> bool:
+    def _connect(self, conn: _Conn) -> None:
+        target = conn.target
         try:
-            info = socket.getaddrinfo(self.target.host, self.target.port, type=socket.SOCK_STREAM)[0]
-            sock = socket.socket(info[0], info[1], info[2])
+            address = self.addresses.get(target.origin)
+            if address is None:
+                address = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
+                self.addresses[target.origin] = address
+            sock = socket.socket(*address[:3])
         except OSError:
             self._finish(conn, 0, time.perf_counter_ns(), keep=False)
-            return False
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock, conn.state, conn.served = sock, "connecting", 0
         self.result.connections += 1
-        err = sock.connect_ex(info[4])
+        err = sock.connect_ex(address[4])
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             self._finish(conn, 0, time.perf_counter_ns(), keep=False)
-            return False
+            return
         self.selector.register(sock, selectors.EVENT_WRITE, conn)
-        return True
 
     def _on_event(self, conn: _Conn, mask):
         if conn not in self.busy:
@@ -847,9 +1109,10 @@ class Prober:
                 err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
-                if self.target.tls:
-                    conn.sock = self.target.ssl_context.wrap_socket(
-                        conn.sock, server_hostname=self.target.host, do_handshake_on_connect=False)
+                if conn.target.tls:
+                    conn.sock = self.contexts[conn.origin].wrap_socket(
+                        conn.sock, server_hostname=conn.target.host, do_handshake_on_connect=False,
+                        session=self.sessions.get(conn.origin) if self.resume else None)
                     self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
                     conn.state = "handshaking"
                     self._handshake(conn)
@@ -874,15 +1137,15 @@ class Prober:
         except ssl.SSLWantWriteError:
             self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
             return
+        self.result.handshakes += 1
+        self.result.resumed += conn.sock.session_reused
         conn.state = "sending"
         self._write(conn)
 
     def _write(self, conn):
         try:
             sent = conn.sock.send(conn.out)
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            sent = 0
-        except ssl.SSLWantReadError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         conn.out = conn.out[sent:]
         if conn.out:
@@ -898,69 +1161,98 @@ class Prober:
             self.selector.register(conn.sock, events, conn)
 
     def _read(self, conn):
-        sock = conn.sock
+        # Read while data keeps coming, but for at most _READ_NS: a body that streams without a
+        # pause cannot keep the loop from its schedule, its deadlines and should_stop.  The rest of
+        # a TLS record is taken at once: epoll cannot see bytes already inside the TLS layer.
+        sock, tls = conn.sock, conn.target.tls
+        started = time.perf_counter_ns()
         while True:
             try:
-                data = sock.recv(262144)
-            except (BlockingIOError, ssl.SSLWantReadError):
+                data = sock.recv(_RECV)
+                while tls and sock.pending():
+                    data += sock.recv(sock.pending())
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
-            except ssl.SSLWantWriteError:
-                return
+            now = time.perf_counter_ns()
             if not data:
-                self._eof(conn)
+                self._eof(conn, now)
                 return
-            conn.buf += data
-            if self._complete(conn):
+            self.result.bytes_received += len(data)
+            if self._received(conn, data, now) or (len(data) < _RECV and not tls) or now - started > _READ_NS:
                 return
-            if not (self.target.tls and sock.pending()):
-                if len(data) < 262144:
-                    return
 
-    def _complete(self, conn) -> bool:
-        while conn.response is None:
-            conn.response = _Response.parse_head(conn.buf, self.target.method == "HEAD")
-            if conn.response is None:
-                return False
-            if 100 <= conn.response.status < 200 and conn.response.status != 101:
-                del conn.buf[:conn.response.body_start]      # an interim response (e.g. 103 Early Hints)
-                conn.response = None
-        end = conn.response.body_end(conn.buf)
+    def _received(self, conn, data, now) -> bool:
+        """Parse what arrived; True once the response is complete (and the row written)."""
+        response = conn.response
+        if response is None:
+            head = conn.head
+            since = len(head)
+            head += data
+            while True:
+                response = _Response.parse_head(head, conn.target.method == "HEAD", since)
+                if response is None:
+                    return False
+                if not 100 <= response.status < 200 or response.status == 101:
+                    break
+                del head[:response.body_start]      # an interim response (e.g. 103 Early Hints)
+                since = 0
+            response.expect = conn.target.expect_body
+            conn.response = response
+            data = bytes(head[response.body_start:])
+            head.clear()
+        end = response.feed(data)
         if end is None:
             return False
-        self._finish(conn, conn.response.status, time.perf_counter_ns(), keep=conn.response.keep_alive)
+        self._complete(conn, now, keep=response.keep_alive and end == len(data))
         return True
 
-    def _eof(self, conn):
-        if conn.response is not None and conn.response.length is None and not conn.response.chunked:
-            self._finish(conn, conn.response.status, time.perf_counter_ns(), keep=False)
+    def _complete(self, conn, now, keep):
+        response, target = conn.response, conn.target
+        check = ""
+        if target.expect_status is not None and response.status != target.expect_status:
+            check = "status"
+        elif target.expect_body is not None and not response.found:
+            check = "body"
+        if self.resume and target.tls:
+            # Taken after the body: TLS 1.3 sends its session tickets after the handshake.
+            self.sessions[conn.origin] = conn.sock.session
+        self._finish(conn, response.status, now, keep=keep and self.reuse, check=check)
+
+    def _eof(self, conn, now):
+        if conn.response is not None and conn.response.to_close:
+            self._complete(conn, now, keep=False)
         else:
             self._failed(conn, ConnectionResetError("connection closed before the response ended"))
 
     def _failed(self, conn, exc):
-        if conn.served and not conn.buf and not conn.retried:
+        if isinstance(exc, _BodyTooLarge):
+            self.result.oversized += 1
+        if conn.served and conn.response is None and not conn.head and not conn.retried:
             # The server closed a keep-alive connection between requests: retry once on a new one.
-            due = conn.due
             self._close(conn)
             self.busy.discard(conn)
             conn.retried = True
-            self._send(conn, due)
+            self._send(conn, conn.due, conn.target)
             return
         self._finish(conn, 0, time.perf_counter_ns(), keep=False)
 
-    def _finish(self, conn, code, now, keep, due=None):
-        if due is not None:
-            conn.due = due
-        latency_ms = (now - conn.due) / 1e6
+    def _finish(self, conn, code, now, keep, check=""):
+        text = f"{(now - conn.due) / 1e6:.3f}"
+        latency_ms = float(text)            # what the CSV says, so a verdict from memory equals one from the file
         self.busy.discard(conn)
         self.result.rows += 1
         if code == 0 or code >= 500:
             self.result.errors += 1
         else:
             self.recent.append(latency_ms)
+        if check:
+            self.result.check_failures += 1
+        label = conn.target.label
         wall = self.start_wall + (conn.due - self.start_ns) / 1e9
-        self.rows.append(f"{_iso_millis(wall)},{latency_ms:.3f},{code}{self.suffix}")
+        self.rows.append(f"{_iso_millis(wall)},{text},{code}{self.block}{f',{label}' if self.labelled else ''}"
+                         f"{f',{check}' if self.checked else ''}\n")
         if self.on_row is not None:
-            self.on_row(latency_ms, code, wall)
+            self.on_row(latency_ms, code, wall, label, check)
         conn.retried = False
         if keep and conn.sock is not None:
             conn.served += 1
@@ -972,12 +1264,11 @@ class Prober:
                 # Pause a failing slot briefly so a refused port does not become a busy loop.
                 self.resting.append((now + 10_000_000, conn))
             elif now < self.start_ns + self.duration_ns:
-                self._send(conn, time.perf_counter_ns())
+                self._send(conn, time.perf_counter_ns(), self._next_target())
             else:
                 self._close(conn)
-        else:
-            if conn.sock is not None:
-                self.idle.append(conn)
+        elif conn.sock is not None:
+            self.idle.setdefault(conn.origin, []).append(conn)
 
     def _close(self, conn):
         if conn.sock is not None:
@@ -988,8 +1279,9 @@ class Prober:
             conn.sock.close()
             conn.sock = None
         conn.state = "closed"
-        if conn in self.idle:
-            self.idle.remove(conn)
+        pool = self.idle.get(conn.origin)
+        if pool and conn in pool:
+            pool.remove(conn)
 
     def _flush(self):
         if self.rows:
@@ -998,19 +1290,28 @@ class Prober:
             self.rows.clear()
 
 
-def measure_url(url: str, duration: float, out_path: str, *, method="GET", headers=(), insecure=False,
-                progress=None, on_row=None, should_stop=None, **shape) -> ProbeResult:
-    """Probe url for duration seconds, streaming rows to out_path as they complete."""
-    target = Target(url, method, headers, insecure)
+def measure_url(url, duration: float, out_path: str, *, method="GET", headers=(), insecure=False,
+                connections="reuse", expect_status=None, expect_body=None, progress=None, on_row=None,
+                should_stop=None, **shape) -> ProbeResult:
+    """Probe for duration seconds, streaming rows to out_path as they complete.
+
+    url is one URL or a page mix: a list of URLs and (URL, weight) pairs; every URL gets the same
+    method, headers and checks."""
+    targets = []
+    for item in [url] if isinstance(url, str) else url:
+        address, weight = (item, 1) if isinstance(item, str) else item
+        targets.append(Target(address, method, headers, insecure, weight=weight, expect_status=expect_status,
+                              expect_body=expect_body))
     shape = {k: v for k, v in shape.items() if v is not None}
-    check_shape(duration, **shape)
+    check_shape(duration, connections=connections, **shape)
+    header = csv_header(targets)
     try:
         handle = open(out_path, "w", encoding="utf-8", newline="")
     except OSError as exc:
         raise BadInput(f"{out_path}: cannot write: {exc.strerror or exc}") from None
     with handle:
-        handle.write("timestamp,latency_ms,response_code\n")
-        prober = Prober(target, duration, handle, progress=progress, on_row=on_row,
+        handle.write(header)
+        prober = Prober(targets, duration, handle, connections=connections, progress=progress, on_row=on_row,
                         should_stop=should_stop, **shape)
         return prober.run()
 
@@ -2881,7 +3182,10 @@ class Trial:
         if arm is None:
             arm = Arm()
             self.measure("health", HEALTH_SECONDS, arm, step="health check")
-        problem = unhealthy(arm, self.experiment.target_url)
+        mix = len(self.experiment.urls) > 1
+        expected = {(Target.label_of(entry["url"]) if mix else None): entry["expect"]["status"]
+                    for entry in self.experiment.urls if (entry.get("expect") or {}).get("status")}
+        problem = unhealthy(arm, self.experiment.target_url, expected)
         if problem:
             raise Unhealthy(f"the baseline is not healthy, so no variant was tried: {problem}")
 
@@ -3082,9 +3386,11 @@ FIRST_LOOK_PAIR = 3     # the switchback design's sequential stop looks after ea
 HEALTH_SECONDS = 1.0    # the probe of the baseline before anything is tried
 
 
-def unhealthy(arm: Arm, url=None):
-    """Why an arm's answers are mostly failures (no answer, 4xx, 5xx, a failed check), or None when they
-    are not; `url` names the one URL of rows that carry none."""
+def unhealthy(arm: Arm, url=None, expected=None):
+    """Why an arm's answers are mostly failures (no answer, 4xx, 5xx or, where `expected` declares a
+    URL's status, any other; a failed check), or None when they are not; `url` names the one URL of
+    rows that carry none."""
+    expected = expected or {}
     if arm.total == 0:
         return f"{url or 'the target'} gave no answer to measure"
     by_url = collections.defaultdict(collections.Counter)
@@ -3092,7 +3398,8 @@ def unhealthy(arm: Arm, url=None):
         by_url[label][code] += count
     for label, answers in sorted(by_url.items(), key=lambda item: str(item[0])):
         total = sum(answers.values())
-        bad = collections.Counter({code: n for code, n in answers.items() if is_failure(code) or code >= 400})
+        bad = collections.Counter({code: n for code, n in answers.items()
+                                   if (code != expected[label] if label in expected else is_failure(code) or code >= 400)})
         if 2 * sum(bad.values()) > total:
             code, count = bad.most_common(1)[0]
             what = "no answer (refused, reset or timed out)" if code == 0 else f"{code}"
@@ -3232,6 +3539,7 @@ class Measurer:
     def __init__(self, record: RunRecord, experiment: Experiment, schedule: Schedule, stop: StopFlag,
                  wall=time.time):
         self.record, self.experiment, self.schedule, self.stop, self.wall = record, experiment, schedule, stop, wall
+        self.targets = [] if experiment.measure_sh else experiment.targets()
 
     def measure(self, name: str, seconds: float, arm: Arm, block=None, guard=None, look=None,
                 step="measuring", reference=None) -> None:
@@ -3250,12 +3558,15 @@ class Measurer:
         self.record.log(f"{step} {variant} for {seconds:g} s -> {os.path.basename(path)}"
                         + ("" if block is None else f" (block {block})"))
 
-        def on_row(latency, code, at):
-            arm.add(latency, code, block, at)
+        mix = len(self.targets) > 1
+
+        def on_row(latency, code, at, url=None, check=""):
+            url = url if mix else None          # one URL's rows are told apart by nothing
+            arm.add(latency, code, block, at, url, check)
             if reference is not None:
-                reference.add(latency, code, block, at)
+                reference.add(latency, code, block, at, url, check)
             if guard is not None:
-                guard.add(latency, code)
+                guard.add(latency, code, url, check)
 
         def should_stop():
             return bool(self.stop) or (guard is not None and guard.tripped()) or (look is not None and look.due())
@@ -3275,19 +3586,19 @@ class Measurer:
                  "timeout": spec.get("timeout"), "max_in_flight": spec.get("max_in_flight")}
         if not shape["concurrency"] and not shape["rate"]:
             shape["interval"] = experiment.interval or 1.0
-        target = Target(experiment.target_url, spec.get("method", "GET"), spec.get("headers", []),
-                        bool(spec.get("insecure")))
-        with self.csv_file(path, block) as handle:
-            result = Prober(target, seconds, handle, on_row=on_row, should_stop=should_stop, block=block,
+        with self.csv_file(path, csv_header(self.targets, block is not None)) as handle:
+            result = Prober(self.targets, seconds, handle, on_row=on_row, should_stop=should_stop, block=block,
+                            connections=spec.get("connections", "reuse"),
                             **{k: v for k, v in shape.items() if v is not None}).run()
-        self.record.log(f"measured {variant}: {result.rows} requests, {result.errors} errors"
+        checks = f", {result.check_failures} failed their check" if result.check_failures else ""
+        self.record.log(f"measured {variant}: {result.rows} requests, {result.errors} errors{checks}"
                         + (", stopped early" if result.stopped_early else ""))
 
-    def csv_file(self, path: str, block):
+    def csv_file(self, path: str, header: str):
         """A measurement CSV opened for appending (blocks add to it); the header written once."""
         handle = open(open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8", newline="")
         if handle.tell() == 0:
-            handle.write("timestamp,latency_ms,response_code" + (",block" if block is not None else "") + "\n")
+            handle.write(header)
         return handle
 
     def script(self, path: str, seconds: float, block, on_row) -> None:
@@ -3308,7 +3619,8 @@ class Measurer:
             raise MeasureFailed(f"measure.sh wrote a bad CSV (kept for a look): {exc}") from None
         os.unlink(scratch)
         suffix = "" if block is None else f",{block}"
-        with self.csv_file(path, block) as handle:
+        header = "timestamp,latency_ms,response_code" + (",block" if block is not None else "") + "\n"
+        with self.csv_file(path, header) as handle:
             for stamp, latency, code in rows:
                 handle.write(f"{stamp},{latency:.3f},{code}{suffix}\n")
                 on_row(latency, code, _epoch(stamp))
@@ -4519,11 +4831,9 @@ def probe_target(experiment: Experiment) -> str:
     codes = []
     spec = experiment.measure
     try:
-        target = Target(experiment.target_url, spec.get("method", "GET"), spec.get("headers", []),
-                        bool(spec.get("insecure")))
         with open(os.devnull, "w", encoding="utf-8") as sink:
-            Prober(target, 0.001, sink, interval=1.0, timeout=min(5.0, spec.get("timeout", 5.0)),
-                   on_row=lambda latency, code, at: codes.append(code)).run()
+            Prober(experiment.targets()[:1], 0.001, sink, interval=1.0, timeout=min(5.0, spec.get("timeout", 5.0)),
+                   on_row=lambda latency, code, *rest: codes.append(code)).run()
     except (BadInput, OSError) as exc:
         return f"could not be probed: {exc}"
     if not codes or codes[0] == 0:
@@ -4555,30 +4865,40 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_measure(args, settings) -> int:
-    """measure --url URL --duration S --out FILE: probe and write the CSV; a summary on stderr."""
+    """measure --url URL[@WEIGHT] ... --duration S --out FILE: probe and write the CSV; a summary on stderr."""
     live = sys.stderr.isatty()
     arm = Arm(args.out)
 
     def progress(line):
         print("\r" + line, end="", file=sys.stderr, flush=True)
 
-    result = measure_url(args.url, args.duration, args.out, method=args.method, headers=args.header,
-                         insecure=args.insecure, progress=progress if live else None,
+    result = measure_url([weighted_url(text) for text in args.url], args.duration, args.out, method=args.method,
+                         headers=args.header, insecure=args.insecure, connections=args.connections,
+                         expect_status=args.expect_status, expect_body=args.expect_body,
+                         progress=progress if live else None,
                          interval=args.interval, concurrency=args.concurrency, rate=args.rate,
-                         timeout=args.timeout, max_in_flight=args.max_in_flight,
-                         on_row=lambda latency, code, at: arm.add(latency, code))
+                         timeout=args.timeout, max_in_flight=args.max_in_flight, should_stop=lambda: bool(args.stop),
+                         on_row=lambda latency, code, at, url, check: arm.add(latency, code, check=check))
     if live:
         print(file=sys.stderr)
     figures = summarize(arm, sorted(arm.latencies))
     rate = result.rows / result.elapsed if result.elapsed else 0.0
     latency = ", ".join(f"{key[:3]} {'-' if figures[key] is None else figures[key]} ms"
                         for key in ("p50_ms", "p90_ms", "p99_ms"))
+    received = result.bytes_received
+    extras = [(f"{received / 1048576:.1f} MiB" if received >= 1048576 else f"{received / 1024:.1f} KiB")
+              + " received" if received else "",
+              f"{result.oversized} bodies over {MAX_BODY >> 20} MiB" if result.oversized else "",
+              f"{result.check_failures} failed checks" if result.check_failures else "",
+              f"{result.resumed} of {result.handshakes} TLS handshakes resumed" if result.resumed else ""]
     print(f"{result.rows} requests in {result.elapsed:.1f} s ({rate:.0f}/s), {result.errors} errors "
-          f"({figures['err_pct']:.2f}%), {latency}, {result.connections} connections -> {args.out}",
-          file=sys.stderr)
+          f"({figures['err_pct']:.2f}%), {latency}, {result.connections} connections"
+          f"{''.join(f', {extra}' for extra in extras if extra)} -> {args.out}", file=sys.stderr)
     if result.cap_hits:
         warn(f"the in-flight cap of {args.max_in_flight} was reached {result.cap_hits} times; "
              "late requests still count from when they were due")
+    if args.stop:
+        raise Interrupted(f"stopped by {args.stop.signal_name}; the {result.rows} rows measured so far are in {args.out}")
     return 0
 
 
@@ -4794,7 +5114,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help="folder path or id")
     run.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     measure = command("measure", cmd_measure, "probe a URL and write a measurement CSV")
-    measure.add_argument("--url", required=True)
+    measure.add_argument("--url", action="append", required=True, metavar="URL[@WEIGHT]",
+                         help="the URL to probe; repeat it for a page mix, visited in smooth weighted "
+                              "round-robin order (WEIGHT a whole number from 1 to 1000, default 1; a URL that "
+                              "itself ends in @DIGITS needs its weight written out, e.g. URL@1)")
     measure.add_argument("--duration", type=float, required=True, metavar="S")
     measure.add_argument("--out", required=True, metavar="FILE")
     shape = measure.add_mutually_exclusive_group()
@@ -4807,6 +5130,14 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--method", default="GET")
     measure.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
     measure.add_argument("--insecure", action="store_true", help="skip TLS certificate checks (self-signed boxes)")
+    measure.add_argument("--connections", choices=CONNECTION_MODES, default="reuse",
+                         help="reuse: keep-alive (default); new: a new connection (and TLS handshake) per "
+                              "request; resume: a new connection per request offering the last TLS session, "
+                              "like a returning visitor")
+    measure.add_argument("--expect-status", type=int, metavar="N",
+                         help="a response with another status fails its check (check column: status)")
+    measure.add_argument("--expect-body", metavar="TEXT",
+                         help="a body without TEXT (UTF-8, anywhere in it) fails its check (check column: body)")
     command("dashboard", cmd_dashboard, "rebuild the published files from var/")
     serve = command("serve", cmd_serve, "serve the dashboard, state and run logs over HTTP")
     serve.add_argument("--bind", default="127.0.0.1", help="address (default 127.0.0.1)")

@@ -8,7 +8,14 @@
   (c) a backend that stalls 1 s once (requests arriving 2-3 s after the first wait until 3 s) during
       `measure --rate 100 --duration 5`: accept p90 >= 200 ms and 500 rows +-2 %.
   (d) with --rss: peak RSS of `measure --rate 200 --duration D` (D = --long-seconds, default 600)
-      against the 10 ms backend, from os.wait4's ru_maxrss; accept < 50 MB.
+      against the 10 ms backend, from the child's VmHWM; accept < 50 MB.
+  (e) open-loop latency against our own nginx (static page) at 100/s and 500/s: `measure --rate R`,
+      `measure --interval 1/R`, a minimal stdlib open-loop client (one blocking keep-alive socket,
+      sleeps until each request is due, latency from the due time), and the closed-loop floor
+      (`measure --concurrency 1`, `wrk -t1 -c1`); p50/p90/p99 each.  Accept smart --rate p50 within
+      1.5x (or +0.1 ms) of the minimal client's at the same rate.
+  (f) peak RSS of `measure --duration 3` against a server whose body never ends (VmHWM), next to
+      the same against a server answering "ok"; accept < 50 MB (the body is counted and dropped).
 
 Prints the figures; exits 1 when a bound is missed.  Without wrk or nginx it says so and exits 0,
 unless CI=true, then 1.  Usage:
@@ -36,7 +43,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import smart  # noqa: E402
-from servers import ScriptedServer, respond  # noqa: E402
+from servers import ScriptedServer, endless_body, ok_handler, respond  # noqa: E402
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
@@ -173,16 +180,79 @@ def run_wrk(wrk, url, threads, connections, seconds, latency=False):
         raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr.strip()[-500:]}")
     out = done.stdout
     rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    p50 = re.search(r"^\s*50(?:\.0+)?%\s+(\S+)", out, re.M)
+    p50, p90, p99 = (re.search(rf"^\s*{p}(?:\.0+)?%\s+(\S+)", out, re.M) for p in (50, 90, 99))
     requests = re.search(r"(\d+) requests in", out)
     problems = [line.strip() for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     if not rps:
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
     return dict(rps=float(rps.group(1)), p50=parse_duration_ms(p50.group(1)) if p50 else None,
+                p90=parse_duration_ms(p90.group(1)) if p90 else None,
+                p99=parse_duration_ms(p99.group(1)) if p99 else None,
                 requests=int(requests.group(1)) if requests else None, problems=problems, raw=out)
 
 
-# -- the four checks --
+def minimal_open_loop(port, path, rate, seconds):
+    """The yardstick: one blocking keep-alive socket, a sleep until each request is due, latency
+    from the due time to the body's last byte (Content-Length); sorted latencies in ms."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+
+    def connect():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    sock = connect()
+    latencies = []
+    start = time.perf_counter()
+    try:
+        for n in range(int(rate * seconds)):
+            due = start + n / rate
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            sock.sendall(request)
+            buf = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise RuntimeError("the server closed the connection mid-response")
+                buf += data
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                head = buf[:end].decode("latin-1").lower()
+                length = int(re.search(r"content-length: *(\d+)", head).group(1))
+                if len(buf) >= end + 4 + length:
+                    break
+            latencies.append((time.perf_counter() - due) * 1e3)
+            if not head.startswith("http/1.1 200"):
+                raise RuntimeError(f"the minimal client got {head.splitlines()[0]!r}")
+            if "connection: close" in head:            # nginx's keepalive_requests
+                sock.close()
+                sock = connect()
+    finally:
+        sock.close()
+    return sorted(latencies)
+
+
+def figures(latencies):
+    return " ".join(f"p{p} {smart.percentile(latencies, p):.3f}" for p in (50, 90, 99)) + " ms"
+
+
+def peak_rss_kib(command):
+    """Run command; (exit code, its peak VmHWM in KiB, stderr's last line)."""
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # ru_maxrss from wait4 would carry this (large) parent's size across fork and exec, so
+    # read the child's own high-water mark (VmHWM, per address space) while it runs.
+    peak_kib = 0
+    while proc.poll() is None:
+        peak_kib = max(peak_kib, vm_hwm_kib(proc.pid))
+        time.sleep(0.1)
+    stderr = proc.stderr.read().decode(errors="replace").strip()
+    return proc.returncode, peak_kib, stderr.splitlines()[-1] if stderr else ""
+
+
+# -- the checks --
 
 class Bench:
     def __init__(self, args, wrk, nginx, tmp):
@@ -249,22 +319,68 @@ class Bench:
         print(f"(d) peak RSS of measure --rate 200 --duration {seconds:g} against the 10 ms backend", flush=True)
         out = os.path.join(self.tmp, "d.csv")
         with ScriptedServer(delayed(0.010)) as server:
-            proc = subprocess.Popen([sys.executable, SMART, "measure", "--url", server.url + "/", "--rate", "200",
-                                     "--duration", str(seconds), "--out", out],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            # ru_maxrss from wait4 would carry this (large) parent's size across fork and exec, so
-            # read the child's own high-water mark (VmHWM, per address space) while it runs.
-            peak_kib = 0
-            while proc.poll() is None:
-                peak_kib = max(peak_kib, vm_hwm_kib(proc.pid))
-                time.sleep(0.2)
-            stderr = proc.stderr.read().decode(errors="replace")
+            code, peak_kib, last = peak_rss_kib([sys.executable, SMART, "measure", "--url", server.url + "/",
+                                                 "--rate", "200", "--duration", str(seconds), "--out", out])
         peak_mb = peak_kib / 1024
         arm = smart.read_measurements(out)
-        print(f"  smart: exit {proc.returncode}, {arm.total} rows, {arm.errors} errors; "
-              f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
-        self.verdict("d", proc.returncode == 0 and peak_mb < 50 and abs(arm.total - 200 * seconds) <= 0.02 * 200 * seconds,
+        print(f"  smart: exit {code}, {arm.total} rows, {arm.errors} errors; {last}")
+        self.verdict("d", code == 0 and peak_mb < 50 and abs(arm.total - 200 * seconds) <= 0.02 * 200 * seconds,
                      f"peak RSS {peak_mb:.1f} MB (bound < 50 MB) over {arm.total} rows")
+
+    def open_loop(self):
+        seconds = self.args.seconds
+        print(f"(e) latency against nginx (static page), open loop vs a minimal client, {seconds} s each", flush=True)
+        workdir = tempfile.mkdtemp(prefix="measure-peer-nginx-")
+        nginx = Nginx(self.nginx, workdir)
+        bound = []
+        try:
+            nginx.start()
+            for rate in (100, 500):
+                floor = minimal_open_loop(nginx.port, "/index.html", rate, seconds)
+                ours = run_smart(nginx.url, seconds, os.path.join(self.tmp, f"e{rate}.csv"), "--rate", str(rate))
+                spaced = run_smart(nginx.url, seconds, os.path.join(self.tmp, f"e{rate}i.csv"),
+                                   "--interval", f"{1 / rate:g}")
+                print(f"  {rate}/s  minimal open loop:        {figures(floor)}")
+                print(f"  {rate}/s  smart --rate {rate}:{' ' * (12 - len(str(rate)))}{figures(ours['latencies'])}"
+                      f"  codes {ours['codes']}")
+                print(f"  {rate}/s  smart --interval {1 / rate:g}:{' ' * (8 - len(f'{1 / rate:g}'))}"
+                      f"{figures(spaced['latencies'])}  codes {spaced['codes']}")
+                mine, theirs = ours["p50"], smart.percentile(floor, 50)
+                ratio = mine / theirs
+                print(f"  {rate}/s  ratio smart --rate / minimal: p50 {ratio:.2f}, "
+                      f"p90 {ours['p90'] / smart.percentile(floor, 90):.2f}, "
+                      f"p99 {smart.percentile(ours['latencies'], 99) / smart.percentile(floor, 99):.2f}", flush=True)
+                bound.append((rate, ratio, (mine <= 1.5 * theirs or mine <= theirs + 0.1)
+                              and ours["non200"] == 0 and spaced["non200"] == 0))
+            closed = run_smart(nginx.url, seconds, os.path.join(self.tmp, "e1.csv"), "--concurrency", "1")
+            theirs = run_wrk(self.wrk, nginx.url, 1, 1, seconds, latency=True)
+        finally:
+            nginx.stop()
+            shutil.rmtree(workdir, True)
+        print(f"  closed loop  smart --concurrency 1:    {figures(closed['latencies'])}")
+        print(f"  closed loop  wrk -t1 -c1:              p50 {theirs['p50']:.3f} p90 {theirs['p90']:.3f} "
+              f"p99 {theirs['p99']:.3f} ms {' '.join(theirs['problems'])}")
+        self.verdict("e", all(ok for _, _, ok in bound),
+                     "smart --rate p50 / minimal p50: " + ", ".join(f"{ratio:.2f} at {rate}/s" for rate, ratio, _ in bound)
+                     + " (bound <= 1.5, or within +0.1 ms)")
+
+    def hostile_rss(self):
+        print("(f) peak RSS of measure --duration 3 --interval 0.5 --timeout 1: a body that never ends vs 'ok'",
+              flush=True)
+        peaks = {}
+        for name, handler in (("ok", ok_handler), ("endless", endless_body)):
+            out = os.path.join(self.tmp, f"f-{name}.csv")
+            with ScriptedServer(handler) as server:
+                code, peak_kib, last = peak_rss_kib([sys.executable, SMART, "measure", "--url", server.url + "/",
+                                                     "--duration", "3", "--interval", "0.5", "--timeout", "1",
+                                                     "--out", out])
+            arm = smart.read_measurements(out)
+            peaks[name] = (code, peak_kib / 1024, arm)
+            print(f"  {name:8} peak RSS {peak_kib / 1024:.1f} MB; exit {code}; {last}")
+        code, peak_mb, arm = peaks["endless"]
+        self.verdict("f", code == 0 and peak_mb < 50 and arm.total == arm.errors > 0,
+                     f"peak RSS {peak_mb:.1f} MB against the endless body, {peaks['ok'][1]:.1f} MB against 'ok' "
+                     "(bound < 50 MB), every endless row code 0")
 
 
 def main(argv=None) -> int:
@@ -293,7 +409,7 @@ def main(argv=None) -> int:
     bench = Bench(args, wrk, nginx, tmp)
     started = time.monotonic()
     try:
-        for step in (bench.latency, bench.throughput, bench.stall):
+        for step in (bench.latency, bench.throughput, bench.stall, bench.open_loop, bench.hostile_rss):
             try:
                 step()
             except (RuntimeError, OSError, subprocess.SubprocessError, smart.SmartError) as exc:

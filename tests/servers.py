@@ -10,6 +10,8 @@ It counts what a test needs to assert on: connections accepted, every request (m
 headers, which connection, its number on that connection, when it arrived), and the most requests
 it was answering at once.  Accepted sockets get TCP_NODELAY.  stop() (or leaving a `with` block)
 ends every thread: handlers that wait should wait with server.sleep() or server.stopping.
+
+Hostile handlers for the prober's bounds: endless_body, huge_length, endless_chunks, slowloris.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import struct
 import threading
 import time
 
-__all__ = ["ScriptedServer", "Request", "respond", "ok_handler", "reset", "hang", "response_bytes"]
+__all__ = ["ScriptedServer", "Request", "respond", "ok_handler", "reset", "hang", "response_bytes",
+           "endless_body", "huge_length", "endless_chunks", "slowloris"]
 
 REASONS = {100: "Continue", 103: "Early Hints", 200: "OK", 204: "No Content", 304: "Not Modified",
            404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
@@ -73,6 +76,38 @@ def reset(sock) -> bool:
 def hang(server, request, sock) -> bool:
     """Never answer (until the server stops)."""
     server.stopping.wait()
+    return False
+
+
+def _stream(server, sock, block: bytes) -> bool:
+    while not server.stopping.is_set():
+        sock.sendall(block)         # raises once the client closes; stop() shuts the socket down
+    return False
+
+
+def endless_body(server, request, sock) -> bool:
+    """200 without a length, then a body that never ends."""
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+    return _stream(server, sock, b"x" * 65536)
+
+
+def huge_length(server, request, sock) -> bool:
+    """200 with a Content-Length of 17 GiB, then a body streaming towards it."""
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (17 << 30))
+    return _stream(server, sock, b"x" * 65536)
+
+
+def endless_chunks(server, request, sock) -> bool:
+    """200 chunked, then 1-byte chunks that never end."""
+    sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    return _stream(server, sock, b"1\r\nx\r\n" * 10000)
+
+
+def slowloris(server, request, sock) -> bool:
+    """A status line, then header bytes dripped one every 10 ms: the head never ends."""
+    sock.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+    while not server.sleep(0.01):
+        sock.sendall(b"x")
     return False
 
 

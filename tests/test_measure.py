@@ -14,14 +14,14 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import unittest
 from datetime import datetime
+from unittest import mock
 
-from helpers import HEADER, SMART_PY, import_smart, run_cli
+from helpers import HEADER, import_smart, run_cli
 from servers import ScriptedServer, hang, ok_handler, reset, respond, response_bytes
 
 smart = import_smart()
@@ -173,10 +173,15 @@ class TargetTests(unittest.TestCase):
             smart.Target("http://127.0.0.1:0/")
 
 
-###### Unit: _Response.parse_head, body_end, _chunked_end ######
+###### Unit: _Response (head, then the body fed as it arrives) ######
 
 def head(text: str) -> bytearray:
     return bytearray(text.replace("\n", "\r\n").encode("latin-1"))
+
+
+def body_of(buf: bytearray, response):
+    """The bytes after the head, as the prober feeds them."""
+    return bytes(buf[response.body_start:])
 
 
 class ParseHeadTests(unittest.TestCase):
@@ -189,6 +194,17 @@ class ParseHeadTests(unittest.TestCase):
         self.assertIsNone(smart._Response.parse_head(bytearray(b""), False))
         with self.assertRaises(ValueError):
             smart._Response.parse_head(bytearray(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000), False)
+        # A complete head is refused too when it is over the cap.
+        with self.assertRaises(ValueError):
+            smart._Response.parse_head(bytearray(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n"), False)
+
+    def test_a_head_searched_in_steps_is_found_across_the_step(self):
+        buf = head("HTTP/1.1 200 OK\nContent-Length: 0\n\n")
+        for since in range(len(buf)):
+            with self.subTest(since=since):
+                response = smart._Response.parse_head(buf, False, since)
+                self.assertIsNotNone(response)
+                self.assertEqual(response.body_start, len(buf))
 
     def test_status_length_and_body_start(self):
         buf = head("HTTP/1.1 404 Not Found\nContent-Length: 5\n\nhello")
@@ -196,12 +212,12 @@ class ParseHeadTests(unittest.TestCase):
         self.assertEqual(response.status, 404)
         self.assertEqual(response.length, 5)
         self.assertFalse(response.chunked)
-        self.assertEqual(bytes(buf[response.body_start:]), b"hello")
+        self.assertEqual(body_of(buf, response), b"hello")
         self.assertTrue(response.keep_alive)
-        self.assertEqual(response.body_end(buf), len(buf))
-        self.assertIsNone(response.body_end(buf[:-1]))
+        self.assertEqual(response.feed(b"hell"), None)
         # Extra bytes after the body do not move the end.
-        self.assertEqual(response.body_end(buf + b"HTTP/1.1"), len(buf))
+        self.assertEqual(response.feed(b"oHTTP/1.1"), 1)
+        self.assertEqual(response.received, 5)
 
     def test_header_names_and_values_are_case_insensitive(self):
         response = self.parse("HTTP/1.1 200 OK\nCONTENT-LENGTH: 3\nconnection: CLOSE\n\n")
@@ -225,14 +241,17 @@ class ParseHeadTests(unittest.TestCase):
             with self.subTest(text=text):
                 self.assertIs(self.parse(text).keep_alive, keep)
 
-    def test_read_to_close_has_no_length(self):
+    def test_read_to_close_has_no_length_and_never_ends_by_itself(self):
         buf = head("HTTP/1.0 200 OK\nContent-Type: text/plain\n\nsome body")
         response = smart._Response.parse_head(buf, False)
         self.assertIsNone(response.length)
         self.assertFalse(response.chunked)
-        self.assertIsNone(response.body_end(buf))
+        self.assertTrue(response.to_close)
+        self.assertIsNone(response.feed(body_of(buf, response)))
+        self.assertIsNone(response.feed(b"x" * 10000))
+        self.assertEqual(response.received, 9 + 10000)
 
-    def test_bodyless_responses(self):
+    def test_bodyless_responses_end_with_the_head(self):
         for text, head_request in [
             ("HTTP/1.1 200 OK\nContent-Length: 1000\n\n", True),
             ("HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n", True),
@@ -240,75 +259,142 @@ class ParseHeadTests(unittest.TestCase):
             ("HTTP/1.1 304 Not Modified\nContent-Length: 1000\n\n", False),
         ]:
             with self.subTest(text=text, head_request=head_request):
-                buf = head(text)
-                response = smart._Response.parse_head(buf, head_request)
+                response = self.parse(text, head_request)
                 self.assertEqual(response.length, 0)
                 self.assertFalse(response.chunked)
                 self.assertTrue(response.keep_alive)
-                self.assertEqual(response.body_end(buf), len(buf))
+                self.assertEqual(response.feed(b""), 0)
 
     def test_chunked_takes_precedence_over_content_length(self):
-        body = "5\nhello\n0\n\n"
-        buf = head("HTTP/1.1 200 OK\nContent-Length: 3\nTransfer-Encoding: chunked\n\n" + body)
-        response = smart._Response.parse_head(buf, False)
+        body = b"5\r\nhello\r\n0\r\n\r\n"
+        response = self.parse("HTTP/1.1 200 OK\nContent-Length: 3\nTransfer-Encoding: chunked\n\n")
         self.assertTrue(response.chunked)
-        self.assertEqual(response.body_end(buf), len(buf))
+        self.assertEqual(response.feed(body), len(body))
 
     def test_garbage_is_a_value_error(self):
         for text in ["SSH-2.0-OpenSSH_9.6\n\n", "HTTP/2 200\n\n", "HTTP/1.1 abc OK\n\n",
-                     "HTTP/1.1 200 OK\nContent-Length: many\n\n"]:
+                     "HTTP/1.1 200 OK\nContent-Length: many\n\n", "HTTP/1.1 200 OK\nContent-Length: -1\n\n"]:
             with self.subTest(text=text):
                 with self.assertRaises(ValueError):
                     self.parse(text)
 
+    def test_a_content_length_over_the_cap_is_refused_at_the_head(self):
+        with self.assertRaises(smart._BodyTooLarge):
+            self.parse(f"HTTP/1.1 200 OK\nContent-Length: {17 << 30}\n\n")
+        self.assertEqual(self.parse(f"HTTP/1.1 200 OK\nContent-Length: {smart.MAX_BODY}\n\n").length, smart.MAX_BODY)
 
-class ChunkedEndTests(unittest.TestCase):
+
+def chunked():
+    return smart._Response.parse_head(head("HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n"), False)
+
+
+class ChunkedBodyTests(unittest.TestCase):
 
     BODY = b"5\r\nhello\r\n6;name=value\r\n world\r\n1a\r\n" + b"z" * 26 + b"\r\n0\r\n\r\n"
+    CASES = [
+        b"0\r\n\r\n",
+        b"5\r\nhello\r\n0\r\n\r\n",
+        BODY,
+        b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n",
+        b"A\r\n0123456789\r\n0\r\n\r\n",
+        b"5\nhello\n0\n\n",                        # bare LF line ends, as RFC 9112 lets a client accept
+    ]
 
-    def test_complete_bodies(self):
-        prefix = b"HEAD"
-        cases = [
-            b"0\r\n\r\n",
-            b"5\r\nhello\r\n0\r\n\r\n",
-            self.BODY,
-            b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n",
-            b"A\r\n0123456789\r\n0\r\n\r\n",
-        ]
-        for body in cases:
+    def test_complete_bodies_end_at_the_last_chunk(self):
+        for body in self.CASES:
             with self.subTest(body=body):
-                self.assertEqual(smart._chunked_end(bytearray(prefix + body), len(prefix)), len(prefix) + len(body))
+                self.assertEqual(chunked().feed(body), len(body))
                 # Whatever follows (the next response) does not count.
-                self.assertEqual(smart._chunked_end(bytearray(prefix + body + b"HTTP/1.1 200"), len(prefix)),
-                                 len(prefix) + len(body))
+                self.assertEqual(chunked().feed(body + b"HTTP/1.1 200"), len(body))
 
-    def test_every_prefix_is_incomplete(self):
-        for body in (self.BODY, b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n"):
+    def test_fed_in_two_pieces_at_every_split(self):
+        for body in self.CASES:
             for cut in range(len(body)):
                 with self.subTest(body=body, cut=cut):
-                    self.assertIsNone(smart._chunked_end(bytearray(body[:cut]), 0))
+                    response = chunked()
+                    self.assertIsNone(response.feed(body[:cut]))
+                    self.assertEqual(response.feed(body[cut:] + b"next"), len(body) - cut)
+                    self.assertEqual(response.received, len(body))
 
-    def test_bad_chunk_sizes_are_value_errors(self):
-        for body in (b"zz\r\nhello\r\n", b"\r\nhello\r\n", b"5 5\r\nhello\r\n"):
+    def test_fed_byte_by_byte(self):
+        response = chunked()
+        ends = [response.feed(self.BODY[i:i + 1]) for i in range(len(self.BODY))]
+        self.assertEqual(ends, [None] * (len(self.BODY) - 1) + [1])
+
+    def test_every_prefix_is_incomplete(self):
+        for body in self.CASES:
+            for cut in range(len(body)):
+                with self.subTest(body=body, cut=cut):
+                    self.assertIsNone(chunked().feed(body[:cut]))
+
+    def test_bad_chunk_framing_is_a_value_error(self):
+        for body in (b"zz\r\nhello\r\n", b"\r\nhello\r\n", b"5 5\r\nhello\r\n", b"-5\r\nhello\r\n0\r\n\r\n",
+                     b"3\r\n-2 \r\n-b\r\n", b"0x5\r\nhello\r\n", b"5\r\nhello world\r\n",
+                     b"11111111111111111\r\n"):
             with self.subTest(body=body):
                 with self.assertRaises(ValueError):
-                    smart._chunked_end(bytearray(body), 0)
+                    chunked().feed(body)
 
-    def test_negative_chunk_size_is_an_error_not_a_loop(self):
-        # A chunk size must be hex digits.  '-2'/'-b' walk the cursor backwards; this buffer loops
-        # forever today, which would hang the prober.  Run in a child so this test stays bounded.
-        cases = {"minus5": "b'-5\\r\\nhello\\r\\n0\\r\\n\\r\\n'", "loop": "b'3\\r\\n-2 \\r\\n-b\\r\\n'"}
-        for name, literal in cases.items():
-            with self.subTest(name):
-                code = ("import sys; sys.path.insert(0, sys.argv[1]); import smart\n"
-                        f"try:\n    print(smart._chunked_end(bytearray({literal}), 0))\n"
-                        "except ValueError:\n    print('ValueError')\n")
-                try:
-                    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(SMART_PY)],
-                                          capture_output=True, text=True, timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.fail(f"_chunked_end({literal}) did not return within 5 s (infinite loop)")
-                self.assertEqual(done.stdout.strip(), "ValueError", done.stderr)
+    def test_an_endless_size_line_or_trailer_is_an_error_not_a_buffer(self):
+        for start in (b"", b"0\r\nX-Trailer: "):
+            with self.subTest(start=start):
+                response = chunked()
+                with self.assertRaises(ValueError):
+                    response.feed(start)
+                    for _ in range(10):
+                        response.feed(b"1" * 1000)
+
+    def test_a_body_over_the_cap_is_refused_as_it_streams(self):
+        with mock.patch.object(smart, "MAX_BODY", 1000):
+            for response, piece in ((chunked(), b"10\r\n" + b"x" * 16 + b"\r\n"),
+                                    (smart._Response.parse_head(head("HTTP/1.0 200 OK\n\n"), False), b"x" * 22)):
+                with self.subTest(chunked=response.chunked):
+                    with self.assertRaises(smart._BodyTooLarge):
+                        for _ in range(50):
+                            response.feed(piece)
+                    self.assertGreater(response.received, 1000)
+                    self.assertLess(response.received, 1000 + len(piece) + 1)
+
+
+class BodyCheckTests(unittest.TestCase):
+    """The expected text is looked for in the body as it streams, keeping only a short window."""
+
+    def feed_split(self, response, body, cuts):
+        pieces = [body[a:b] for a, b in zip((0, *cuts), (*cuts, len(body)))]
+        ends = [response.feed(piece) for piece in pieces]
+        return ends[-1]
+
+    def test_found_across_every_split(self):
+        body = b"<html><title>Welcome to WordPress</title></html>"
+        for cut in range(len(body) + 1):
+            with self.subTest(cut=cut):
+                response = smart._Response.parse_head(head(f"HTTP/1.1 200 OK\nContent-Length: {len(body)}\n\n"), False)
+                response.expect = b"WordPress"
+                self.assertEqual(self.feed_split(response, body, [cut]), len(body) - cut if cut < len(body) else 0)
+                self.assertTrue(response.found)
+                self.assertLessEqual(len(response.window), len(b"WordPress") - 1)
+
+    def test_found_across_chunks_and_not_in_the_framing(self):
+        response = chunked()
+        response.expect = b"hello world"
+        body = b"6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"
+        self.assertEqual(response.feed(body), len(body))
+        self.assertTrue(response.found)
+        # "a\r\nb" spans the framing between chunks "a" and "b": not body text.
+        response = chunked()
+        response.expect = b"a1\r\nb"
+        response.feed(b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n")
+        self.assertFalse(response.found)
+
+    def test_missing_text_is_not_found(self):
+        response = smart._Response.parse_head(head("HTTP/1.1 200 OK\nContent-Length: 12\n\n"), False)
+        response.expect = b"WordPress"
+        self.assertEqual(response.feed(b"Word" + b"press!!!"), 12)   # the text is matched case and all
+        self.assertFalse(response.found)
+        one = smart._Response.parse_head(head("HTTP/1.1 200 OK\nContent-Length: 3\n\n"), False)
+        one.expect = b"b"
+        one.feed(b"abc")
+        self.assertTrue(one.found)
 
 
 ###### Load shapes ######
