@@ -461,12 +461,13 @@ def load_experiment(path: str) -> Experiment:
 
 def _check_urls(meta: dict, bad, check) -> None:
     """target_url's expect, or the urls list: each {"url", "weight", "expect": {"status", "body"}}."""
-    entries = [("", {"url": meta["target_url"], "expect": meta.get("expect")})] if meta.get("urls") is None else None
     if meta.get("urls") is not None:
         if not isinstance(meta["urls"], list) or not meta["urls"]:
             raise bad("urls", "expected a non-empty list of {\"url\": ..., \"weight\": ..., \"expect\": ...}")
         entries = [(f"urls[{index}].", entry) for index, entry in enumerate(meta["urls"])]
-    elif meta.get("target_url") is None:
+    elif meta.get("target_url") is not None:
+        entries = [("", {"url": meta["target_url"], **({"expect": meta["expect"]} if "expect" in meta else {})})]
+    else:
         if meta.get("expect") is not None:
             raise bad("expect", "needs a target_url")
         return

@@ -9,6 +9,7 @@ cleanup and every probe lasts 0.3-3 s.
 from __future__ import annotations
 
 import os
+import sys
 import re
 import shutil
 import socket
@@ -21,6 +22,7 @@ import unittest
 from datetime import datetime
 from unittest import mock
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import HEADER, import_smart, run_cli
 from servers import ScriptedServer, hang, ok_handler, reset, respond, response_bytes
 

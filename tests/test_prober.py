@@ -11,6 +11,7 @@ unless they test a bound.
 from __future__ import annotations
 
 import os
+import sys
 import resource
 import shutil
 import signal
@@ -22,6 +23,7 @@ import time
 import unittest
 from unittest import mock
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import import_smart, run_cli
 from servers import (ScriptedServer, endless_body, endless_chunks, huge_length, ok_handler, respond,
                      response_bytes, slowloris)

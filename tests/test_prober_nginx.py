@@ -9,6 +9,7 @@ the tests skip, except under CI=true where they fail.
 from __future__ import annotations
 
 import os
+import sys
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import tempfile
 import time
 import unittest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import import_smart
 from test_prober import need, read_csv, self_signed
 
