@@ -68,6 +68,8 @@ MAX_DRIFT_KEEP_PCT = 1.0    # switchback must revert a drifting no-op in >= 99% 
 MAX_HARM_SECONDS = 10.0     # a harmful variant is reverted within 10 s of its apply
 MAX_NOCHANGE_KEEP_PCT = 1.0
 MAX_VERDICT_FRACTION = 0.5
+MAX_BIG_GAIN_PAIRS = 3        # a gain of 50% or more is kept (switchback + stop) within this many block pairs ...
+MAX_BIG_GAIN_WALL = 1 / 3     # ... and within this share of the run's full wall time, warm-ups included
 
 
 ###### Scenarios: level (ms), error probability and added stall (ms) at run time u in [0, 1] ######
@@ -96,6 +98,10 @@ def large_gain(u, applied):
     return (0.3 if applied else 25.0), 0.0, 0.0
 
 
+def half_gain(u, applied):
+    return 20.0 * (0.5 if applied else 1.0), 0.0, 0.0
+
+
 def real_gain(u, applied):
     return 20.0 * (0.75 if applied else 1.0), 0.0, 0.0
 
@@ -116,6 +122,7 @@ SCENARIOS = [
     ("step +40% mid-run", step_up, "revert", "nogain", True),
     ("small gain 5%", small_gain, "revert", "nogain", False),
     ("large gain 25->0.3 ms", large_gain, "keep", "gain", False),
+    ("gain 50%", half_gain, "keep", "gain", False),
     ("real gain 25%", real_gain, "keep", "gain", False),
     ("harmful 50% 5xx", harm_5xx, "revert", "harm", False),
     ("harmful +1 s stall", harm_stall, "revert", "harm", False),
@@ -232,7 +239,7 @@ class SimMeasurer(smart.Measurer):
 
 
 class Outcome:
-    __slots__ = ("decision", "aborted", "applied_max", "fraction", "early", "looks")
+    __slots__ = ("decision", "aborted", "applied_max", "fraction", "early", "looks", "wall")
 
 
 def run_trial(settings, scenario, rng, run_length, home, run_id):
@@ -269,6 +276,7 @@ def run_trial(settings, scenario, rng, run_length, home, run_id):
     if outcome.aborted:
         outcome.fraction = min(1.0, target.applied_max / run_length)
     outcome.looks = looks.count
+    outcome.wall = target.now / run_length       # the share of the run's full length (warm-ups and all) it took
     return outcome
 
 
@@ -309,7 +317,7 @@ def simulate(task):
             run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(rng.randrange(1_000_000_000, 2_000_000_000)))
             outcome = run_trial(settings, level, rng, cfg.run_length(layout), home, run_id)
             results.append((outcome.decision, outcome.aborted, outcome.applied_max, outcome.fraction,
-                            outcome.early, outcome.looks))
+                            outcome.early, outcome.looks, outcome.wall))
         return (s_index, design_key, naive, overrides, results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -497,6 +505,16 @@ def main(argv=None) -> int:
         check(summary[key] <= MAX_VERDICT_FRACTION,
               f"{key} {label}: median time to a verdict over gain and no-gain scenarios {summary[key]:.2f} x the "
               f"fixed horizon (<= {MAX_VERDICT_FRACTION:g})")
+    big = [names.index(name) for name in ("large gain 25->0.3 ms", "gain 50%")]
+    for s_index in big:
+        rows = cell(s_index, "C")
+        quick = sum(r[0] == "keep" and r[3] <= MAX_BIG_GAIN_PAIRS / cfg.pairs + 1e-9 for r in rows)
+        walls = sorted(r[6] for r in rows if r[0] == "keep")
+        wall = statistics.median(walls) if walls else math.inf
+        check(pct(quick, len(rows)) >= 99.0 and wall <= MAX_BIG_GAIN_WALL,
+              f"C switchback+stop keeps '{names[s_index]}' within {MAX_BIG_GAIN_PAIRS} block pairs in "
+              f"{pct(quick, len(rows)):.1f}% of {len(rows)} (>= 99%), median {wall:.2f} of the run's full wall "
+              f"time (<= {MAX_BIG_GAIN_WALL:.2f}; slowest {walls[-1] if walls else math.inf:.2f})")
     peek_kept = sum(r[0] == "keep" for r in peek_rows[False])
     chance = smart.binomial_sf(peek_kept, len(peek_rows[False]), MAX_NOCHANGE_KEEP_PCT / 100)
     check(chance >= 0.05,

@@ -24,7 +24,7 @@ class DemoTest(unittest.TestCase):
 
     def test_demo_keeps_the_helpful_variant_and_reverts_the_others(self):
         started = time.monotonic()
-        done = subprocess.run([sys.executable, SMART, "demo", "--no-serve", "--seconds", "30", "--dir", self.home],
+        done = subprocess.run([sys.executable, SMART, "--home", self.home, "demo", "--no-serve", "--seconds", "30"],
                               capture_output=True, text=True, timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertLess(time.monotonic() - started, 120)
@@ -38,7 +38,7 @@ class DemoTest(unittest.TestCase):
         self.assertIn("kept: response_cache", done.stdout)
 
     def test_demo_then_serves_a_page_that_shows_it_and_stops_on_ctrl_c(self):
-        child = subprocess.Popen([sys.executable, SMART, "demo", "--seconds", "15", "--dir", self.home, "--port", "0"],
+        child = subprocess.Popen([sys.executable, SMART, "demo", "--home", self.home, "--seconds", "15", "--port", "0"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.addCleanup(lambda: child.poll() is None and os.killpg(child.pid, signal.SIGKILL))
         url = None
