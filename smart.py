@@ -58,7 +58,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import count, islice, repeat
+from itertools import compress, count, islice, repeat
 import statistics
 from statistics import NormalDist
 
@@ -1337,13 +1337,14 @@ class Arm:
     URL into failures, so that a variant breaking routing (fast 404s) can never pass for faster.
     """
 
-    __slots__ = ("path", "latencies", "statuses", "urls", "url_names", "blocks", "total", "errors",
-                 "block_totals", "block_errors", "block_started", "answers")
+    __slots__ = ("path", "latencies", "statuses", "status", "urls", "url_names", "blocks", "total", "errors",
+                 "block_totals", "block_errors", "block_started", "answers", "in_order")
 
     def __init__(self, path="-"):
         self.path = path
         self.latencies = array.array("d")
-        self.statuses = array.array("H")      # parallel to latencies: each successful request's status
+        self.statuses = None                  # array('H') parallel to latencies once successes differ in status
+        self.status = None                    # ... until then the one status every success had
         self.urls = None                      # array('H') parallel to latencies, once rows name their URL
         self.url_names = [None]               # what those indexes stand for; 0 is "the one URL"
         self.blocks = None                    # array('l') parallel to latencies, when rows carry a block
@@ -1353,6 +1354,7 @@ class Arm:
         self.block_errors = {}
         self.block_started = {}               # block -> epoch seconds of its first row (which arm went first)
         self.answers = collections.Counter()  # (url, status) -> requests, the failed ones too
+        self.in_order = False                 # latencies are sorted (settle)
 
     def add(self, latency_ms: float, code: int, block=None, at=None, url=None, check="") -> None:
         """Count one request; `at` is when it was sent, `check` names a content check it failed."""
@@ -1370,12 +1372,22 @@ class Arm:
         if failed:
             self.errors += 1
             return
-        self.latencies.append(latency_ms)
-        self.statuses.append(code)
+        self.add_success(latency_ms, code)
         if url is not None or self.urls is not None:
             self._url_indexes().append(self._url_index(url))
         if self.blocks is not None:
             self.blocks.append(block if block is not None else 0)
+
+    def add_success(self, latency_ms: float, code: int) -> None:
+        """The latency and status of a successful request, with nothing else counted."""
+        self.latencies.append(latency_ms)
+        if self.statuses is not None:
+            self.statuses.append(code)
+        elif self.status is None or self.status == code:
+            self.status = code
+        else:
+            self.statuses = array.array("H", [self.status]) * (len(self.latencies) - 1)
+            self.statuses.append(code)
 
     def _url_indexes(self):
         if self.urls is None:
@@ -1392,6 +1404,18 @@ class Arm:
     @property
     def ok(self) -> int:
         return len(self.latencies)
+
+    def settle(self) -> None:
+        """Sort the latencies in place when nothing else is kept per row (one URL, one status, no
+        blocks): a verdict then needs no sorted copy of a million rows."""
+        if self.statuses is None and self.urls is None and self.blocks is None and not self.in_order:
+            counts = _value_counts(self.latencies)
+            if counts is None:
+                self.latencies = array.array("d", sorted(self.latencies))
+            else:
+                self.latencies = None            # the unsorted rows go before their sorted copy is made
+                self.latencies = _in_order(counts)
+            self.in_order = True
 
     def usual_status(self) -> dict:
         """URL -> the status (1xx-4xx) this arm answered most often for it; ties go to the lower status."""
@@ -1424,12 +1448,12 @@ class Arm:
         urls = self.urls if self.urls is not None else repeat(0)
         rows = self.blocks if self.blocks is not None else repeat(None)
         moved = collections.Counter()
-        for latency, code, index, block in zip(self.latencies, self.statuses, urls, rows):
+        statuses = self.statuses if self.statuses is not None else repeat(self.status)
+        for latency, code, index, block in zip(self.latencies, statuses, urls, rows):
             if blocks is not None and block not in blocks:
                 continue
             if keeps(self.url_names[index], code, block):
-                part.latencies.append(latency)
-                part.statuses.append(code)
+                part.add_success(latency, code)
                 if part.urls is not None:
                     part.urls.append(index)
                 if part.blocks is not None:
@@ -1447,6 +1471,7 @@ class Arm:
             if block in self.block_started:
                 part.block_started[block] = self.block_started[block]
         part.answers = self.answers
+        part.in_order = self.in_order and self.blocks is None       # a subset of sorted rows stays sorted
         return part
 
 
@@ -1535,7 +1560,7 @@ def read_measurements(path: str) -> Arm:
         try:
             carry = ""
             while True:
-                chunk = handle.read(1 << 20)
+                chunk = handle.read(1 << 18)
                 if not chunk:
                     break
                 text = carry + chunk
@@ -1619,14 +1644,20 @@ class _CsvReader:
             return True
         arm = self.arm
         arm.total += len(codes)
-        arm.answers.update(zip(repeat(None), codes))
+        for code, count in collections.Counter(codes).items():
+            arm.answers[(None, code)] += count
         failing = {code for code in distinct if is_failure(code)}
         if failing:
-            kept = [(latency, code) for latency, code in zip(latencies, codes) if code not in failing]
-            arm.errors += len(codes) - len(kept)
-            latencies, codes = [latency for latency, _ in kept], [code for _, code in kept]
-        arm.latencies.extend(latencies)
-        arm.statuses.extend(codes)
+            good = list(map(operator.not_, map(failing.__contains__, codes)))
+            latencies, codes = list(compress(latencies, good)), list(compress(codes, good))
+            arm.errors += len(good) - len(codes)
+            distinct -= failing
+        if len(distinct) == 1 and arm.statuses is None and arm.status in (None, next(iter(distinct))):
+            arm.status = next(iter(distinct))
+            arm.latencies.extend(latencies)
+        else:
+            for latency, code in zip(latencies, codes):
+                arm.add_success(latency, code)
         if arm.urls is not None:
             arm.urls.extend(repeat(0, len(codes)))
         return True
@@ -1663,6 +1694,32 @@ def _undecodable_line(path: str) -> int:
 ###### Statistics (pure functions, no I/O) ######
 
 _NORMAL = NormalDist()
+
+
+def sort_latencies(values) -> array.array:
+    """values sorted, as an array of doubles (never a list of a million float objects)."""
+    counts = _value_counts(values)
+    return array.array("d", sorted(values)) if counts is None else _in_order(counts)
+
+
+def _value_counts(values):
+    """value -> how often, when the values repeat a lot (measured latencies have 3 decimals), else None:
+    laying counted values out in order is faster than sorting and needs a fraction of the memory."""
+    if len(values) < 50000:
+        return None
+    counts, limit = collections.Counter(), len(values) // 4
+    for start in range(0, len(values), 65536):
+        counts.update(values[start:start + 65536])
+        if len(counts) > limit:              # few repeats: counting does not pay
+            return None
+    return counts
+
+
+def _in_order(counts) -> array.array:
+    out = array.array("d")
+    for value in sorted(counts):
+        out.extend(array.array("d", (value,)) * counts[value])
+    return out
 
 
 def percentile(sorted_values, pct: float):
@@ -2081,7 +2138,8 @@ def figures(base: Arm, var: Arm, thresholds: Thresholds, fraction=None) -> Figur
     if base.blocks is not None and var.blocks is not None:
         common = set(base.block_totals) & set(var.block_totals)
         base, var = base.only(common), var.only(common)
-    base_sorted, var_sorted = sorted(base.latencies), sorted(var.latencies)
+    base_sorted = base.latencies if base.in_order else sort_latencies(base.latencies)
+    var_sorted = var.latencies if var.in_order else sort_latencies(var.latencies)
     base_fig, var_fig = summarize(base, base_sorted), summarize(var, var_sorted)
     strata = _strata(base, var, base_sorted, var_sorted)
     test = rank_test([(b, v) for _, b, v in strata])
@@ -2146,14 +2204,16 @@ def _tails(base_sorted, var_sorted, allowed_pct: float) -> list:
               "p": binomial_sf(above, m, 0.01), "test": "binomial against 1%"}]
     # Where, above the baseline's median, the variant has more requests slower than a baseline
     # percentile than the baseline has, by more than the allowed regression in latency there:
-    # the largest such gap in the two distribution functions (at most 1000 points looked at).
+    # the largest such gap in the two distribution functions, from the median to the p99 (above it the
+    # p99's own test speaks; at most 1000 points looked at).
     best = None
-    for rank in range(n // 2 + 1, n + 1, max(1, (n - n // 2) // 1000)):
+    top = max(n // 2 + 1, math.ceil(0.99 * n - 1e-9))
+    for rank in range(n // 2 + 1, top + 1, max(1, (top - n // 2) // 1000)):
         at = base_sorted[rank - 1]
         level = rank / n
         var_there = var_sorted[min(m, max(1, math.ceil(level * m - 1e-9))) - 1]
         gap = level - bisect.bisect_right(var_sorted, at) / m
-        if var_there > at * (1 + allowed_pct / 100) + EPSILON and (best is None or gap > best[0]):
+        if var_there > at * (1 + allowed_pct / 100) + EPSILON and (best is None or gap > best[0] + EPSILON):
             best = (gap, rank, at, var_there)
     if best is not None and best[0] > 0:
         gap, rank, at, var_there = best
@@ -2317,7 +2377,11 @@ def format_verdict(v: Verdict) -> str:
 
 def decide_files(baseline_path: str, variant_path: str, thresholds: Thresholds) -> Verdict:
     """Read two measurement CSVs and return the verdict."""
-    return verdict(read_measurements(baseline_path), read_measurements(variant_path), thresholds)
+    base = read_measurements(baseline_path)
+    base.settle()
+    var = read_measurements(variant_path)
+    var.settle()
+    return verdict(base, var, thresholds)
 
 
 ###### Files: the home, atomic writes, the lock ######
@@ -2701,11 +2765,63 @@ def _kill_group(child):
 
 ###### Run record: what one run writes, and how it tells the operator ######
 
+class StatusLine:
+    """On a terminal, one line redrawn in place that says where a run is: experiment, variant, block k
+    of N, step, time left, requests and errors so far.  Lines printed meanwhile go above it."""
+
+    def __init__(self, out, clock=time.monotonic):
+        self.out, self.clock = out, clock
+        self.fields = {}
+        self.drawn = 0.0
+        self.width = 0
+
+    def update(self, **fields) -> None:
+        self.fields.update(fields)
+        now = self.clock()
+        if now - self.drawn >= 0.25 or "step" in fields:
+            self.drawn = now
+            self.draw()
+
+    def count(self, failed: bool) -> None:
+        self.fields["requests"] = self.fields.get("requests", 0) + 1
+        self.fields["errors"] = self.fields.get("errors", 0) + failed
+        self.update()
+
+    def draw(self) -> None:
+        f, now = self.fields, self.clock()
+        parts = [f.get("experiment"), f.get("variant")]
+        if f.get("pair"):
+            parts.append(f"block {f['pair'][0]} of {f['pair'][1]}")
+        parts.append(f.get("step"))
+        if f.get("step_ends"):
+            parts.append(f"{_clock_text(f['step_ends'] - now)} left in it")
+        if f.get("run_ends"):
+            parts.append(f"run at most {_clock_text(f['run_ends'] - now)} more")
+        if "requests" in f:
+            parts.append(f"{f['requests']} requests, {f['errors']} errors")
+        text = printable(" · ".join(str(part) for part in parts if part))
+        self.out.write("\r" + text.ljust(self.width))
+        self.out.flush()
+        self.width = len(text)
+
+    def clear(self) -> None:
+        if self.width:
+            self.out.write("\r" + " " * self.width + "\r")
+            self.out.flush()
+            self.width = 0
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 class Log:
     """A run's lines: timestamped on the operator's stream (the journal, under systemd) and in run.log.
 
-    Lines from before a run folder exists (a recovery, a skipped experiment) wait and go into the
-    next run.log.
+    On a terminal the stream shows a StatusLine instead, and only warnings and errors as lines; the
+    full log stays in run.log.  Lines from before a run folder exists (a recovery, a skipped
+    experiment) wait and go into the next run.log.
     """
 
     def __init__(self, out=None):
@@ -2713,6 +2829,8 @@ class Log:
         self.handle = None
         self.waiting = []
         self.lost = None             # why run.log stopped taking lines (a full disk), once it did
+        live = getattr(self.out, "isatty", lambda: False)() and not to_journal(self.out)
+        self.status = StatusLine(self.out) if live else None
 
     def __call__(self, message: str, level: str = "info") -> None:
         line = f"{utc_now()} {message}"
@@ -2724,7 +2842,12 @@ class Log:
                 self.lost = exc.strerror or str(exc)
         elif self.handle is None:
             self.waiting.append(line)
-        emit(line, self.out, level)
+        if self.status is None:
+            emit(line, self.out, level)
+        elif level != "info" or self.handle is None:
+            self.status.clear()
+            emit(line, self.out, level)
+            self.status.draw()
 
     def attach(self, path: str) -> None:
         """Write the lines to path from now on, starting with those that waited."""
@@ -2824,6 +2947,12 @@ class RunRecord:
 
     def phase(self, phase: str, current=None) -> None:
         self.save(phase=phase, current=current)
+        if self.log.status is not None:
+            current = current or {}
+            ends = current.get("ends_at")
+            self.log.status.update(experiment=self.state["experiment"], variant=current.get("variant"),
+                                   step=current.get("step") or phase,
+                                   step_ends=time.monotonic() + (_epoch(ends) - time.time()) if ends else None)
 
     def add_variant(self, record: dict) -> None:
         """A variant's outcome; a decided one's figures are also the run's `metrics`."""
@@ -3108,6 +3237,9 @@ class Runner:
             problems.append(f"could not be recorded ({os_problem(exc)})")
         finally:
             record.close()
+        if self.log.status is not None:
+            self.log.status.clear()
+            print(format_verdicts(record.state), file=self.log.out, flush=True)
         if self.log.lost:
             problems.append(f"run.log is incomplete ({self.log.lost})")
         if problems:
@@ -3219,6 +3351,9 @@ class Trial:
     # -- the two designs --
     def run(self) -> None:
         self.record.save(design=self.schedule.design)
+        if self.log.status is not None:
+            self.log.status.update(run_ends=self.clock() + HEALTH_SECONDS
+                                   + self.schedule.run_seconds(len(self.experiment.candidates)))
         self.switch.to(self.experiment.baseline)
         self.check_health()
         if self.schedule.design == "switchback":
@@ -3286,6 +3421,8 @@ class Trial:
         for index, variant_first in enumerate(orders):
             self.block += 1
             block = self.block
+            if self.log.status is not None:
+                self.log.status.update(pair=(index + 1, pairs))
             for is_variant in (variant_first, not variant_first):
                 if is_variant:
                     guard = self.guard()
@@ -3434,6 +3571,24 @@ def unhealthy(arm: Arm, url=None, expected=None):
     if 2 * arm.errors > arm.total:
         return f"{arm.errors} of {arm.total} requests failed their check"
     return None
+
+
+def format_verdicts(state: dict) -> str:
+    """The run's outcome as a table for the terminal: each variant's decision, p50s, change and why."""
+    lines = [f"{state.get('experiment')}: run {state.get('run_id')} {state.get('status')}, "
+             f"kept {state.get('kept_variant') or 'nothing'}" + (f" ({state['reason']})" if state.get("reason") else "")]
+    if state.get("variants"):
+        lines.append(f"  {'variant':<20} {'decision':<9} {'p50 baseline -> variant':>24} {'p50':>8}  reason")
+    for variant in state.get("variants") or []:
+        metrics = variant.get("metrics") or {}
+        p50s = (f"{metrics['base_p50_ms']:.3g} -> {metrics['var_p50_ms']:.3g} ms"
+                if isinstance(metrics.get("base_p50_ms"), (int, float)) and isinstance(metrics.get("var_p50_ms"), (int, float))
+                else "-")
+        change = _fmt_signed(-metrics["improve_pct"]) if isinstance(metrics.get("improve_pct"), (int, float)) else "-"
+        reason = str(variant.get("reason") or "").split(": ", 1)[-1]
+        lines.append(f"  {str(variant.get('name'))[:20]:<20} {str(variant.get('decision')):<9} {p50s:>24} {change:>8}  "
+                     f"{reason[:100]}")
+    return printable("\n".join(lines))
 
 
 def balanced_orders(rng: random.Random, pairs: int) -> list:
@@ -3587,9 +3742,13 @@ class Measurer:
 
         mix = len(self.targets) > 1
 
+        status = self.record.log.status
+
         def on_row(latency, code, at, url=None, check=""):
             url = url if mix else None          # one URL's rows are told apart by nothing
             arm.add(latency, code, block, at, url, check)
+            if status is not None:
+                status.count(is_failure(code) or bool(check))
             if reference is not None:
                 reference.add(latency, code, block, at, url, check)
             if guard is not None:
@@ -5026,11 +5185,10 @@ def cmd_demo(args, settings) -> int:
         print(f"demo home {home.root}; target {target.url}")
         print("trying three variants of the demo site: noop (changes nothing), slow_backend (harmful), "
               "response_cache (helpful)")
-        code = Runner(home, settings).run([load_experiment(folder)])
-        state = read_json(home.state, {})
-        print(f"\nkept: {state.get('kept_variant') or 'nothing'}")
-        for variant in state.get("variants", []):
-            print(f"  {variant['name']:<15} {variant['decision']:<7} {variant['reason']}")
+        runner = Runner(home, settings)
+        code = runner.run([load_experiment(folder)])
+        if runner.log.status is None:        # on a terminal the run has shown its table already
+            print("\n" + format_verdicts(read_json(home.state, {})))
         if code or args.no_serve:
             return code
         return serve_dashboard(home, args.bind, args.port)

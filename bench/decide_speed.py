@@ -7,7 +7,8 @@ around 20 ms with 3 decimals, ~0.5% 5xx) into a temporary folder, then runs, as 
 --repeat times each, interleaved.  Reports the best wall time of each, the ratio smart/reference,
 and each child's peak RSS (ru_maxrss from os.wait4; MB here means MiB = KiB / 1024).
 
-Stdlib only.  Exits 1 when a bound is missed: ratio <= 2.0, smart's peak RSS <= 160 MB.
+Stdlib only.  Exits 1 when a bound is missed: ratio <= 1.5, smart's peak RSS <= 64 MB (smart counts
+repeated latencies by value and sorts in place; the reference holds Python lists).
 
     python3 bench/decide_speed.py [--rows N] [--repeat N] [--seed S]
 """
@@ -29,8 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SMART = os.path.join(os.path.dirname(HERE), "smart.py")
 REFERENCE = os.path.join(HERE, "reference_decide.py")
 
-MAX_RATIO = 2.0
-MAX_SMART_RSS_MB = 160.0
+MAX_RATIO = 1.5
+MAX_SMART_RSS_MB = 64.0     # the original design budgets 50 MB; issue 15 asks for at most 64
 
 # Settings smart.py reads from the environment: dropped so the children see the defaults.
 SMART_ENV_KEYS = ("SMART_HOME", "IMPROVE_PCT", "MAX_ERR_DELTA_PCT", "CONFIDENCE", "MIN_SAMPLES",
