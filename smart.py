@@ -2207,7 +2207,7 @@ def _tails(base_sorted, var_sorted, allowed_pct: float) -> list:
     # the largest such gap in the two distribution functions, from the median to the p99 (above it the
     # p99's own test speaks; at most 1000 points looked at).
     best = None
-    top = max(n // 2 + 1, math.ceil(0.99 * n - 1e-9))
+    top = max(n // 2 + 1, math.floor(0.99 * n + 1e-9))
     for rank in range(n // 2 + 1, top + 1, max(1, (top - n // 2) // 1000)):
         at = base_sorted[rank - 1]
         level = rank / n

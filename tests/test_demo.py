@@ -35,7 +35,7 @@ class DemoTest(unittest.TestCase):
         self.assertEqual(decisions, {"noop": "revert", "slow_backend": "revert", "response_cache": "keep"})
         self.assertEqual(open(os.path.join(self.home, "target", "mode")).read().strip(), "cached")
         self.assertFalse(os.path.exists(os.path.join(self.home, "var", "applied.json")))
-        self.assertIn("kept: response_cache", done.stdout)
+        self.assertIn("done, kept response_cache", done.stdout)
 
     def test_demo_then_serves_a_page_that_shows_it_and_stops_on_ctrl_c(self):
         child = subprocess.Popen([sys.executable, SMART, "demo", "--home", self.home, "--seconds", "15", "--port", "0"],
