@@ -31,9 +31,11 @@ import collections
 import contextlib
 import errno
 import fcntl
+import gzip
 import html
 import http.client
 import http.server
+import io
 import json
 import math
 import operator
@@ -56,6 +58,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import compress, count, islice, repeat
@@ -1551,8 +1554,7 @@ def read_measurements(path: str) -> Arm:
     skipped with a warning.  Memory holds a float and a status per successful row, nothing else.
     """
     try:
-        fd = open_nofollow(path)
-        handle = open(fd, encoding="utf-8-sig", newline="")
+        handle = open_measurement_csv(path)
     except OSError as exc:
         raise BadInput(f"{path}: cannot read: {exc.strerror or exc}") from None
     reader = _CsvReader(path)
@@ -1572,9 +1574,66 @@ def read_measurements(path: str) -> Arm:
                 reader.feed_last(carry)
         except UnicodeDecodeError:
             raise BadInput(f"{path}:{_undecodable_line(path)}: not UTF-8 text; is this a measurement CSV?") from None
-        except OSError as exc:
-            raise BadInput(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            raise BadInput(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     return reader.arm
+
+
+def open_measurement_csv(path: str):
+    """A measurement CSV opened as text: path itself, gzip-compressed or not (a run compresses its
+    CSVs once its verdicts are written), or path.gz when only that is there."""
+    return io.TextIOWrapper(_measurement_bytes(path), encoding="utf-8-sig", newline="")
+
+
+def _measurement_bytes(path: str):
+    try:
+        fd = open_nofollow(path)
+    except FileNotFoundError:
+        if path.endswith(".gz") or not os.path.lexists(path + ".gz"):
+            raise
+        fd = open_nofollow(path + ".gz")
+    raw = open(fd, "rb")
+    return _GzipReader(raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
+
+
+class _GzipReader(gzip.GzipFile):
+    """A GzipFile over an open file that closes that file when it is closed itself."""
+
+    def __init__(self, raw):
+        super().__init__(fileobj=raw, mode="rb")
+        self.raw = raw
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            self.raw.close()
+
+
+def compress_measurements(run_dir: str) -> int:
+    """Replace every NAME.csv of a finished run folder by NAME.csv.gz (through a temp file and a rename);
+    the bytes it saved.  A run's CSVs are most of what var/ holds."""
+    saved = 0
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if not name.endswith(".csv") or not stat.S_ISREG(os.lstat(path).st_mode):
+            continue
+        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".gz.tmp", dir=run_dir)
+        try:
+            with open(fd, "wb") as out, open(open_nofollow(path), "rb") as source:
+                with gzip.GzipFile(filename=name, mode="wb", fileobj=out, compresslevel=6, mtime=0) as packed:
+                    shutil.copyfileobj(source, packed, 1 << 20)
+                out.flush()
+                os.fchmod(out.fileno(), 0o644)
+                os.fsync(out.fileno())
+            os.replace(temp, path + ".gz")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        saved += os.lstat(path).st_size - os.lstat(path + ".gz").st_size
+        os.unlink(path)
+    return saved
 
 
 class _CsvReader:
@@ -1682,7 +1741,7 @@ class _CsvReader:
 
 def _undecodable_line(path: str) -> int:
     """The number of the first line that is not UTF-8 (the decoder reads ahead in chunks)."""
-    with open(path, "rb") as handle:
+    with _measurement_bytes(path) as handle:
         for number, raw in enumerate(handle, 1):
             try:
                 raw.decode("utf-8")
@@ -2375,13 +2434,14 @@ def format_verdict(v: Verdict) -> str:
     return "\n".join(lines)
 
 
-def decide_files(baseline_path: str, variant_path: str, thresholds: Thresholds) -> Verdict:
-    """Read two measurement CSVs and return the verdict."""
+def decide_files(baseline_path: str, variant_path: str, thresholds: Thresholds, fraction=None) -> Verdict:
+    """Read two measurement CSVs and return the verdict (at a sequential stop's look `fraction` of the
+    way to the horizon, when given)."""
     base = read_measurements(baseline_path)
     base.settle()
     var = read_measurements(variant_path)
     var.settle()
-    return verdict(base, var, thresholds)
+    return verdict(base, var, thresholds, fraction=fraction)
 
 
 ###### Files: the home, atomic writes, the lock ######
@@ -3269,6 +3329,9 @@ class Runner:
         record.save(status=status, phase="finished", finished_at=utc_now(), current=None,
                     reason=reason or record.state.get("reason"))
         self.append_history(record.state)
+        saved = compress_measurements(record.run_dir)
+        if saved:
+            self.log(f"measurement CSVs gzip-compressed, {saved / 1048576:.1f} MiB saved")
         self.rotate_runs(record.run_id)
         publish_dashboard(self.home, running=False)
         self.log(f"finished: status {status}, kept {record.state['kept_variant'] or 'nothing'}")
@@ -3517,12 +3580,13 @@ class Trial:
                    + ("every rule held at the sequential boundary" if result.decision == "keep"
                       else "the improvement's interval lies below the bar"))
             self.log(f"{name}: sequential stop, {why}")
-        self.log(f"{name}: {result.reason}")
         given = decision is not None
         decision, reason, decider = decision or result.decision, reason or result.reason, None
-        if given:
-            self.log(f"{name}: {reason}")
-        elif self.experiment.decider:
+        if given:           # applied on request: harm decides; the rules' verdict is only shown beside it
+            self.log(f"{name}: {reason} (the five rules, for comparison: {result.reason})")
+        else:
+            self.log(f"{name}: {result.reason}")
+        if not given and self.experiment.decider:
             decision, reason = self.custom_decision(name, result)
             decider = {"command": self.experiment.decider, "decision": decision,
                        "builtin_decision": result.decision, "builtin_reason": result.reason}
@@ -4098,7 +4162,7 @@ def prometheus_metrics(home: Home, history=None) -> str:
         out.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
             text = ",".join(f'{key}="{_label(v)}"' for key, v in labels.items())
-            number = repr(float(value)) if isinstance(value, float) else str(value)
+            number = repr(round(float(value), 9)) if isinstance(value, float) else str(value)   # no 0.0021880000000000003
             out.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
 
     last = {}
@@ -4733,6 +4797,8 @@ def make_dashboard_server(home: Home, bind: str = "127.0.0.1", port: int = 8080,
             if path in ("/state.json", "/history.json"):
                 return self.send_path(home.var, path, "application/json", no_cache=True)
             if path == "/runs" or path.startswith("/runs/"):
+                if path.endswith(".csv") and not os.path.lexists(os.path.join(home.var, path.lstrip("/"))):
+                    path += ".gz"                 # a finished run's CSVs are compressed: served as text
                 return self.send_path(home.var, path, "text/plain; charset=utf-8", no_cache=True, listing=True)
             name = "/index.html" if path == "/" else path
             kind = _TYPES.get(os.path.splitext(name)[1], "text/plain; charset=utf-8")
@@ -4755,6 +4821,8 @@ def make_dashboard_server(home: Home, bind: str = "127.0.0.1", port: int = 8080,
                     return self.send_body(301, b"", headers=[("Location", urllib.parse.quote(path) + "/")])
                 if folder:
                     return self.send_listing(fd, newest_first=path.strip("/") == "runs")
+                if path.endswith(".csv.gz"):
+                    return self.send_gzip_text(fd)
                 return self.send_stream(fd, kind, no_cache)
             finally:
                 os.close(fd)
@@ -4770,13 +4838,34 @@ def make_dashboard_server(home: Home, bind: str = "127.0.0.1", port: int = 8080,
             page = f"<!doctype html><meta charset=utf-8><title>runs</title><ul>{items}</ul>".encode()
             self.send_body(200, page, "text/html; charset=utf-8", [("Cache-Control", "no-cache")])
 
-        def send_stream(self, fd, kind, no_cache):
+        def send_gzip_text(self, fd):
+            """A compressed CSV as text: as it is, Content-Encoding gzip, to a client that takes that;
+            decompressed on the fly (to the connection's close) to one that does not."""
+            accepts = "gzip" in (self.headers.get("Accept-Encoding") or "").lower()
+            if accepts:
+                return self.send_stream(fd, "text/plain; charset=utf-8", True, [("Content-Encoding", "gzip")])
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.close_connection = True
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            self.wfile.flush()
+            with _GzipReader(open(os.dup(fd), "rb")) as packed:
+                while chunk := packed.read(self.CHUNK):
+                    self.connection.sendall(chunk)
+
+        def send_stream(self, fd, kind, no_cache, headers=()):
             size = os.fstat(fd).st_size
             self.send_response(200)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(size))
             if no_cache:
                 self.send_header("Cache-Control", "no-cache")
+            for name, value in headers:
+                self.send_header(name, value)
             self.end_headers()
             if self.command == "HEAD":
                 return
@@ -5246,7 +5335,11 @@ def cmd_doctor(args, settings) -> int:
 
 def cmd_decide(args, settings) -> int:
     """decide BASELINE.csv VARIANT.csv: keep/revert on stdout, the figures on stderr."""
-    result = decide_files(args.baseline, args.variant, Thresholds(settings))
+    result = decide_files(args.baseline, args.variant, Thresholds(settings), args.look)
+    if result.blocks and args.look is None:
+        emit("note: these CSVs carry switchback blocks; a run with EARLY_STOP=yes judged them at its last "
+             "look, at a stricter significance level (the fraction in its NAME_decision.log); "
+             "decide --look FRACTION judges as that look did", sys.stderr)
     if args.json:
         print(json.dumps(result.to_json(), sort_keys=True))
     else:
@@ -5262,6 +5355,13 @@ _DECIDE_FLAGS = {
     "MIN_SAMPLES": "--min-samples",
     "MAX_TAIL_REGRESS_PCT": "--max-tail-regress-pct",
 }
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(text)
+    return value
 
 
 def _count(text: str) -> int:
@@ -5292,6 +5392,8 @@ def build_parser() -> argparse.ArgumentParser:
     decide.add_argument("baseline", metavar="BASELINE.csv")
     decide.add_argument("variant", metavar="VARIANT.csv")
     decide.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    decide.add_argument("--look", type=_fraction, metavar="FRACTION",
+                        help="judge as a sequential stop's look this share of the way to the horizon (0 to 1]")
     for key, flag in _DECIDE_FLAGS.items():
         decide.add_argument(flag, dest=key, metavar="N",
                             help=f"{SETTINGS[key][2]} (default {SETTINGS[key][0]})".replace("%", "%%"))

@@ -9,7 +9,9 @@ import tempfile
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import rows_from, run_cli, write_csv
+from helpers import import_smart, rows_from, run_cli, write_csv
+
+smart = import_smart()
 
 SPEC_ARM_KEYS = {"n", "errors", "p50_ms", "p90_ms", "p99_ms", "err_pct"}
 SPEC_KEYS = {"decision", "reason", "borderline", "baseline", "variant",
@@ -65,6 +67,15 @@ class DecideOutputTests(CliTestCase):
         self.assertIn("p50", err)
         self.assertIn("p99", err)
         self.assertNotIn("Traceback", err)
+
+    def test_look_judges_at_the_sequential_stops_alpha(self):
+        fixed = self.decide_json(self.base, self.fast)
+        quarter = self.decide_json(self.base, self.fast, "--look", "0.25")
+        self.assertEqual(fixed["alpha"], 0.01)
+        self.assertAlmostEqual(quarter["alpha"], smart.sequential_alpha(0.99, 0.25), delta=1e-9)
+        self.assertEqual(quarter["fraction"], 0.25)
+        for bad in ("0", "1.5", "x"):
+            self.assert_usage_error(*self.decide(self.base, self.fast, "--look", bad), "--look")
 
     def test_revert_on_stdout_exit_0(self):
         rc, out, err = self.decide(self.base, self.same)

@@ -15,6 +15,7 @@ test_nginx_experiment.py.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import json
 import os
@@ -967,6 +968,31 @@ class SiteTest(unittest.TestCase):
 
     def get(self, path):
         return http_get(self.port, path, host="smart.test")
+
+    def test_a_runs_compressed_csv_is_served_as_text_to_every_client(self):
+        rows = "timestamp,latency_ms,response_code\n" + "1764274326.0,17.8,200\n" * 500
+        with gzip.open(os.path.join(self.run_dir, "workers_2.csv.gz"), "wt") as handle:
+            handle.write(rows)
+        for accept in ("gzip", None):
+            with self.subTest(accept_encoding=accept):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                try:
+                    conn.putrequest("GET", "/runs/20260101T000000/workers_2.csv", skip_host=True, skip_accept_encoding=True)
+                    conn.putheader("Host", "smart.test")
+                    if accept:
+                        conn.putheader("Accept-Encoding", accept)
+                    conn.endheaders()
+                    response = conn.getresponse()
+                    body = response.read()
+                finally:
+                    conn.close()
+                self.assertEqual(response.status, 200)
+                self.assertTrue(response.getheader("Content-Type").startswith("text/plain"))
+                text = gzip.decompress(body) if response.getheader("Content-Encoding") == "gzip" else body
+                self.assertEqual(text.decode(), rows)
+                self.assertEqual(response.getheader("Content-Encoding"), "gzip" if accept else None)
+        status, _, body = self.get("/runs/20260101T000000/run.log")          # no .gz beside it: as it is
+        self.assertEqual((status, body), (200, b"<script>alert(1)</script>\n"))
 
     def test_serves_the_dashboard_state_and_runs_and_nothing_else(self):
         status, headers, body = self.get("/")

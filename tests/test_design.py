@@ -170,7 +170,7 @@ class DesignTestCase(unittest.TestCase):
             return handle.read()
 
     def csv_lines(self, name, home=None):
-        with open(os.path.join(self.run_dir(home), name), encoding="utf-8") as handle:
+        with smart.open_measurement_csv(os.path.join(self.run_dir(home), name)) as handle:
             return handle.read().splitlines()
 
     def mode(self, home=None):
@@ -253,6 +253,9 @@ class SwitchbackFiles(DesignTestCase):
         self.assertAlmostEqual(by_hand["improve_pct"], record["verdict"]["improve_pct"], delta=1.0)
         self.assertIn("van Elteren", by_hand["test"])
         self.assertEqual([b["block"] for b in by_hand["blocks"]], list(range(1, self.BLOCKS + 1)))
+        self.assertIn("decide --look FRACTION", err)            # a run's look would judge at another alpha
+        self.assertIsNone(record["verdict"]["fraction"])          # EARLY_STOP=no: the fixed alpha, as decide's
+        self.assertEqual((by_hand["alpha"], by_hand["p_value"]), (record["verdict"]["alpha"], record["verdict"]["p_value"]))
 
         # run.log: the order seed, and the block order it draws (balanced_orders reproduces it)
         log = self.run_log()
@@ -285,8 +288,9 @@ class SwitchbackFiles(DesignTestCase):
         # The warm-up CSVs are measurement CSVs in the run folder too: smart's own reader (and
         # `decide`) must accept them.
         run_dir = self.run_dir()
-        names = sorted(n for n in os.listdir(run_dir) if n.endswith(".csv"))
-        self.assertIn("baseline_warmup.csv", names)
+        names = sorted(n for n in os.listdir(run_dir) if n.endswith(".csv.gz"))    # compressed at the run's end
+        self.assertEqual([n for n in os.listdir(run_dir) if n.endswith(".csv")], [])
+        self.assertIn("baseline_warmup.csv.gz", names)
         for name in names:
             with self.subTest(csv=name):
                 try:

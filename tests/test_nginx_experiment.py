@@ -24,8 +24,10 @@ import tempfile
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import clean_env  # noqa: E402
+from helpers import clean_env, import_smart  # noqa: E402
 import test_deploy as deploy  # noqa: E402  (support code only: no TestCase is imported by name)
+
+smart = import_smart()
 
 VARIANT_WORKERS = {"workers_auto": "auto", "workers_2": "2"}
 # Short arms.  Under the switchback design (smart.py's default) every block pair applies and reverts
@@ -69,12 +71,12 @@ class NginxWorkersExperimentTest(unittest.TestCase):
 
     def assert_served_throughout(self, state, prober):
         run_dir = os.path.join(self.home, "var", "runs", state["run_id"])
-        csvs = {os.path.basename(p): p for p in glob.glob(os.path.join(run_dir, "*.csv"))}
+        csvs = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(run_dir, "*.csv.gz"))}
         arms = ["baseline.csv"] + [f"{v['name']}.csv" for v in state["variants"] if v.get("metrics")]
         for name in arms:
             self.assertIn(name, csvs)
         for name, path in csvs.items():        # the arms and the warm-ups right after each reload
-            with open(path, newline="") as handle:
+            with smart.open_measurement_csv(path) as handle:
                 rows = list(csv.DictReader(handle))
             if name in arms:
                 self.assertGreaterEqual(len(rows), 100, f"{name}: the measure profile should load the server")

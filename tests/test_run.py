@@ -297,8 +297,8 @@ class ApplyAndMeasureFaults(RunTestCase):
         self.assertIn("revert broken", log)
         self.assertIn("measuring workers_2", log)
         run_dir = self.path("var", "runs", state["run_id"])
-        self.assertFalse(os.path.exists(os.path.join(run_dir, "broken.csv")))
-        self.assertTrue(os.path.exists(os.path.join(run_dir, "workers_2.csv")))
+        self.assertFalse(os.path.exists(os.path.join(run_dir, "broken.csv.gz")))
+        self.assertTrue(os.path.exists(os.path.join(run_dir, "workers_2.csv.gz")))
         self.assertEqual([h["status"] for h in self.history()], ["done"])
 
     def test_apply_past_time_box_is_killed_with_its_process_group(self):
@@ -419,7 +419,7 @@ class RevertFailure(RunTestCase):
         self.assertIn("revert v1", first_log)
         self.assertIn("exited 3", first_log)
         self.assertIn("revert-went-wrong", first_log)
-        self.assertFalse(os.path.exists(self.path("var", "runs", first["run_id"], "v2.csv")))
+        self.assertFalse(os.path.exists(self.path("var", "runs", first["run_id"], "v2.csv.gz")))
 
         # while the revert still fails, the next run retries it, fails again and starts nothing
         rc, out, err = self.cli("run")
@@ -724,10 +724,11 @@ class RealRuns(RunTestCase):
         self.assertGreaterEqual(variants["cached"]["metrics"]["improve_pct"], 50)
         run_dir = self.path("var", "runs", state["run_id"])
         files = set(os.listdir(run_dir))
-        self.assertLessEqual({"baseline.csv", "noop.csv", "cached.csv", "noop_decision.log",
-                              "cached_decision.log", "run.log"}, files)
-        self.assertNotIn("broken_apply.csv", files)
-        self.assertNotIn("never_tried.csv", files)
+        self.assertLessEqual({"baseline.csv.gz", "noop.csv.gz", "cached.csv.gz", "noop_decision.log",
+                              "cached_decision.log", "run.log"}, files)      # the CSVs compressed at the run's end
+        self.assertNotIn("broken_apply.csv.gz", files)
+        self.assertNotIn("never_tried.csv.gz", files)
+        self.assertEqual({name for name in files if name.endswith(".csv")}, set())
         for name in ("baseline", "noop", "cached"):
             self.assertGreaterEqual(smart.read_measurements(os.path.join(run_dir, f"{name}.csv")).ok, 30)
         for name in ("state.json", "history.jsonl", "history.json"):
@@ -1045,7 +1046,7 @@ exit {code}
         self.assertEqual(state["variants"], [])
         self.assertIn("pre-run hook exited 4", state["reason"])
         run_dir = self.path("var", "runs", state["run_id"])
-        self.assertEqual([n for n in os.listdir(run_dir) if n.endswith(".csv")], [])
+        self.assertEqual([n for n in os.listdir(run_dir) if ".csv" in n], [])
         self.assertIn("pre-run hook", self.run_log())
         self.assertEqual([h["status"] for h in self.history()], ["failed"])
 

@@ -9,6 +9,7 @@ asserts a duration: waits are bounded, and a test fails only when the bound pass
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import http.client
 import os
@@ -208,6 +209,28 @@ class FileTests(unittest.TestCase):
         os.mkfifo(os.path.join(site.run_dir, "pipe.csv"))
         self.assertRefused(site, "/runs/20261127T210947/pipe.csv", (403,))
         self.assertEqual(site.get("/")[0], 200)
+
+    def test_a_finished_runs_compressed_csv_is_served_as_text(self):
+        site = Site(self)
+        rows = "timestamp,latency_ms,response_code\n" + "1764274326.0,17.8,200\n" * 500
+        os.unlink(os.path.join(site.run_dir, "baseline.csv"))
+        with gzip.open(os.path.join(site.run_dir, "baseline.csv.gz"), "wt") as handle:
+            handle.write(rows)
+        status, headers, body = site.get("/runs/20261127T210947/baseline.csv")    # sent without Accept-Encoding
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; charset=utf-8"))
+        self.assertIsNone(headers["Content-Encoding"])
+        self.assertEqual(body.decode(), rows)
+        conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=20)
+        try:
+            conn.request("GET", "/runs/20261127T210947/baseline.csv",
+                         headers={"Host": f"127.0.0.1:{site.port}", "Accept-Encoding": "gzip"})
+            response = conn.getresponse()
+            packed = response.read()
+        finally:
+            conn.close()
+        self.assertEqual(response.getheader("Content-Encoding"), "gzip")
+        self.assertEqual(gzip.decompress(packed).decode(), rows)
+        self.assertLess(len(packed), len(rows) // 5)
 
     def test_a_big_file_is_streamed_intact(self):
         site = Site(self)
