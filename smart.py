@@ -31,6 +31,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import glob
 import gzip
 import html
 import http.client
@@ -244,6 +245,12 @@ SETTINGS = {
     "PHONE_HOME_URL": ("", URL_OR_EMPTY, "coach endpoint"),
     "PHONE_HOME_TOKEN": ("", TOKEN, "coach bearer token"),
     "PHONE_HOME_MODEL": ("llama3.2", Kind.text(), "model name for an Ollama-style local coach"),
+    "SITE_URL": ("http://127.0.0.1", Kind.text("an http:// or https:// URL", r"^https?://[^\s/]+\Z"),
+                 "the site a meta.json URL path like /about/ is measured on"),
+    "SITE_TLS_URL": ("https://127.0.0.1", Kind.text("an https:// URL", r"^https://[^\s/]+\Z"),
+                     "the HTTPS site of an experiment with \"site\": \"tls\""),
+    "HELPER_COMMAND": ("sudo -n /usr/local/sbin/", Kind.text("a command prefix", r"^[A-Za-z0-9 ./_-]*\Z"),
+                       "what runs a root helper: this, then the helper's name and its arguments"),
 }
 
 SECRET_SETTINGS = {"PHONE_HOME_TOKEN"}
@@ -322,6 +329,8 @@ META_FIELDS = {
     "revert": A_COMMAND,
     "decide": A_COMMAND,
     "design": SETTINGS["DESIGN"][1],
+    "helper": Kind.text("a root helper's name (smart-nginx, smart-php)", r"^smart-[a-z]+\Z"),
+    "site": Kind.choice("http", "tls"),
     "blocks": SETTINGS["BLOCKS"][1],
     "baseline_seconds": SETTINGS["BASELINE_SECONDS"][1],
     "experiment_seconds": SETTINGS["EXPERIMENT_SECONDS"][1],
@@ -356,22 +365,38 @@ EXPECT_FIELDS = {     # meta.json's `expect` of a URL: what its every answer mus
     "body": Kind.text("a non-empty text", r"(?s)^.+\Z"),
 }
 URL_FIELDS = {"url": A_STRING, "weight": Kind.number(int, 1, 1000), "expect": None}
+HELPER_WORD = r"^[A-Za-z0-9][A-Za-z0-9._]{0,63}\Z"     # a helper setting's name or value: a sudoers argument as is
+REQUIREMENTS = ("nginx", "php-fpm", "tls")             # besides absolute paths that must exist
 
 
 class Experiment:
-    """One folder under experiments/: its meta.json, checked, with the commands to run."""
+    """One folder under experiments/: its meta.json, checked, with the commands to run.
 
-    def __init__(self, path: str, meta: dict):
+    A variant's `set` ({"NAME": "VALUE"}) is applied through the experiment's root `helper`
+    (`HELPER set N1 V1 ...`, names sorted, so sudoers lists it exactly) and reverted by
+    `HELPER reset N1 ...` over every name the experiment sets; a URL that is a path is on the site
+    (SITE_URL, or SITE_TLS_URL with "site": "tls").  `settings` supplies those; the defaults without.
+    """
+
+    def __init__(self, path: str, meta: dict, settings=None):
+        settings = settings or {key: spec[0] for key, spec in SETTINGS.items()}
         self.path = path
+        self.helper = meta.get("helper")
+        self.helper_command = settings["HELPER_COMMAND"]
+        self.requires = list(meta.get("requires") or []) + (["nginx"] if self.helper == "smart-nginx" else [])
+        self.site_url = settings["SITE_TLS_URL" if meta.get("site") == "tls" else "SITE_URL"]
         self.id = meta.get("id") or os.path.basename(path)
         self.description = meta.get("description", "")
         self.variants = meta["variants"]
         self.baseline = next((v for v in self.variants if v["name"] == "baseline"), self.variants[0])
         self.candidates = [v for v in self.variants if v is not self.baseline]
-        self.revert = meta.get("revert") or "./revert.sh"
+        names = sorted({name for v in self.variants for name in (v.get("set") or {})})
+        self.revert = meta.get("revert") or (self.helper_call("reset", names) if names else "./revert.sh")
+        self.helper_names = names
         # the URLs to measure: one target_url (with its expect), or a weighted page mix
-        self.urls = meta.get("urls") or ([{"url": meta["target_url"], "expect": meta.get("expect") or {}}]
-                                         if meta.get("target_url") else [])
+        self.urls = [dict(entry, url=self.site_url + entry["url"] if entry["url"].startswith("/") else entry["url"])
+                     for entry in meta.get("urls") or ([{"url": meta["target_url"], "expect": meta.get("expect") or {}}]
+                                                       if meta.get("target_url") else [])]
         self.target_url = self.urls[0]["url"] if self.urls else None
         self.interval = meta.get("measure_interval_sec")
         self.measure = meta.get("measure") or {}
@@ -382,8 +407,15 @@ class Experiment:
         self.blocks = meta.get("blocks")
         self.decider = meta.get("decide") or ("./decide.sh" if os.path.isfile(os.path.join(path, "decide.sh")) else None)
 
+    def helper_call(self, verb: str, words) -> str:
+        """The shell command that runs the root helper with a verb and its words."""
+        return f"{self.helper_command}{self.helper} {verb} {' '.join(words)}"
+
     def apply_command(self, variant: dict):
         """The shell command that applies a variant, or None for a baseline with nothing to apply."""
+        if variant.get("set"):
+            return self.helper_call("set", [word for name in sorted(variant["set"])
+                                            for word in (name, str(variant["set"][name]))])
         if variant.get("apply"):
             return variant["apply"]
         if os.path.isfile(os.path.join(self.path, "apply.sh")):
@@ -402,7 +434,7 @@ class Experiment:
                 for entry in self.urls]
 
 
-def load_experiment(path: str) -> Experiment:
+def load_experiment(path: str, settings=None) -> Experiment:
     """Read and check experiments/NNN/meta.json; BadInput names the file and the field at fault."""
     meta_path = os.path.join(path, "meta.json")
     try:
@@ -444,7 +476,8 @@ def load_experiment(path: str) -> Experiment:
         check(f"measure.{key}", value, fields[key])
     if sum(key in measure for key in ("concurrency", "rate")) > 1:
         raise bad("measure", "choose concurrency or rate, not both")
-    experiment = Experiment(path, meta)
+    _check_helper_and_requires(meta, bad)
+    experiment = Experiment(path, meta, settings)
     try:
         experiment.targets()
     except BadInput as exc:                  # the prober's own words name its command-line flags
@@ -457,9 +490,33 @@ def load_experiment(path: str) -> Experiment:
     for variant in experiment.candidates:
         if experiment.apply_command(variant) is None:
             raise bad(f"variant {variant['name']!r}", "no apply command and no apply.sh in the folder")
-    if not meta.get("revert") and not os.path.isfile(os.path.join(path, "revert.sh")):
-        raise bad("revert", "required (or a revert.sh in the folder)")
+    if not meta.get("revert") and not experiment.helper_names and not os.path.isfile(os.path.join(path, "revert.sh")):
+        raise bad("revert", "required (or a revert.sh in the folder, or variants that set through a helper)")
     return experiment
+
+
+def _check_helper_and_requires(meta: dict, bad) -> None:
+    """A variant's `set` needs the experiment's `helper`, words a sudoers line can hold as they are,
+    and no `apply` beside it; `requires` names software or absolute paths."""
+    for index, variant in enumerate(meta["variants"]):
+        settings = variant.get("set")
+        if settings is None:
+            continue
+        where = f"variants[{index}].set"
+        if not meta.get("helper"):
+            raise bad(where, "needs the experiment's \"helper\" (smart-nginx or smart-php)")
+        if "apply" in variant:
+            raise bad(where, "give set or apply, not both")
+        if not isinstance(settings, dict) or not settings:
+            raise bad(where, "expected an object of NAME: VALUE")
+        for name, value in settings.items():
+            if not re.match(HELPER_WORD, name) or not isinstance(value, (str, int)) or isinstance(value, bool) \
+                    or not re.match(HELPER_WORD, str(value)):
+                raise bad(f"{where}.{name}", f"{value!r}: names and values are letters, digits, . and _")
+    requires = meta.get("requires")
+    if requires is not None and (not isinstance(requires, list) or not all(
+            isinstance(need, str) and (need in REQUIREMENTS or os.path.isabs(need)) for need in requires)):
+        raise bad("requires", f"expected a list of {', '.join(REQUIREMENTS)} or absolute paths")
 
 
 def _check_urls(meta: dict, bad, check) -> None:
@@ -557,12 +614,45 @@ class Schedule:
         return opening + variants * self.variant_seconds()
 
 
+def lacks(experiment: Experiment) -> list:
+    """What this box lacks of what the experiment needs to run: its `requires` (nginx, php-fpm, an
+    HTTPS site answering at SITE_TLS_URL, paths) and its root helper."""
+    missing = []
+    for need in experiment.requires:
+        if need == "nginx" and not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
+            missing.append("nginx")
+        elif need == "php-fpm" and not (shutil.which("php-fpm8.2") or glob.glob("/usr/sbin/php-fpm*")):
+            missing.append("php-fpm")
+        elif need == "tls" and not _answers_tls(experiment.site_url):
+            missing.append(f"an HTTPS site at {experiment.site_url}")
+        elif os.path.isabs(need) and not os.path.exists(need):
+            missing.append(need)
+    if experiment.helper:
+        helper = experiment.helper_command.split()[-1] + experiment.helper if experiment.helper_command.strip() \
+            else experiment.helper
+        if not (os.path.exists(helper) or shutil.which(helper)):
+            missing.append(f"the helper {helper} (deploy/install.sh installs it)")
+    return missing
+
+
+def _answers_tls(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=2) as sock:
+            with context.wrap_socket(sock, server_hostname=parts.hostname):
+                return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
 def _meta_id(path: str):
     meta = read_json(path)
     return meta.get("id") if isinstance(meta, dict) else None
 
 
-def find_experiments(home: str, names) -> list:
+def find_experiments(home: str, names, settings=None) -> list:
     """Experiments named by folder path or id, or every folder in experiments/ in name order."""
     root = os.path.join(home, "experiments")
     if not names:
@@ -570,20 +660,20 @@ def find_experiments(home: str, names) -> list:
             folders = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
         except FileNotFoundError:
             raise BadInput(f"{root}: no experiments folder; create one with an NNN_name/meta.json") from None
-        return [load_experiment(os.path.join(root, folder)) for folder in folders]
+        return [load_experiment(os.path.join(root, folder), settings) for folder in folders]
     found = []
     for name in names:
         if os.path.isdir(name):
-            found.append(load_experiment(os.path.abspath(name)))
+            found.append(load_experiment(os.path.abspath(name), settings))
         elif os.path.isdir(os.path.join(root, name)):
-            found.append(load_experiment(os.path.join(root, name)))
+            found.append(load_experiment(os.path.join(root, name), settings))
         else:
             folders = sorted(os.listdir(root)) if os.path.isdir(root) else []
             matches = [folder for folder in folders
                        if _meta_id(os.path.join(root, folder, "meta.json")) == name]
             if not matches:
                 raise BadInput(f"unknown experiment {name!r}: not a folder, nor an id under {root}")
-            found.extend(load_experiment(os.path.join(root, folder)) for folder in matches)
+            found.extend(load_experiment(os.path.join(root, folder), settings) for folder in matches)
     return found
 
 
@@ -3077,6 +3167,11 @@ class Runner:
     # -- entry points --
     def run(self, experiments) -> int:
         """The named experiments, each run now; a settled one's kept variant is reverted first."""
+        for experiment in experiments:
+            missing = lacks(experiment)
+            if missing:
+                raise BadInput(f"{experiment.id} does not apply on this box: it needs {', '.join(missing)}")
+
         def start(experiment):
             if self.revert_kept(experiment):
                 self.log(f"{experiment.id}: its kept variant was reverted, so the run starts from the baseline")
@@ -3251,7 +3346,11 @@ class Runner:
         return True
 
     def resting(self, experiment: Experiment):
-        """Why the timer's run skips an experiment now (a kept variant, or tried within RETRY_HOURS), or None."""
+        """Why the timer's run skips an experiment now (it does not apply on this box, a kept variant, or
+        tried within RETRY_HOURS), or None."""
+        missing = lacks(experiment)
+        if missing:
+            return f"does not apply on this box: it needs {', '.join(missing)}"
         kept = read_kept(self.home).get(experiment.id)
         if kept:
             return (f"settled, {kept.get('variant')} kept in run {kept.get('run_id')}; "
@@ -4132,6 +4231,11 @@ def format_status(status: dict, markdown: bool = False) -> str:
             lines.append(f"{'  ' + item}{variant.get('name')}: {figures}{variant.get('reason')}")
     if not status["last"]:
         lines.append(f"{item}no run yet")
+    if status.get("experiments") is not None:
+        lines.append(f"{sub}Experiments on this box")
+        lines += [f"{item}{experiment}: " + ("applies" if not missing else f"does not apply: it needs {', '.join(missing)}; "
+                                              "the timer skips it")
+                  for experiment, missing in sorted(status["experiments"].items())] or [f"{item}none"]
     lines.append(f"{sub}Next run")
     lines.append(f"{item}{status['next_run'] or 'unknown: no ' + TIMER_UNIT + ' found (run by hand or check the timer)'}")
     lines.append(f"{sub}Needs attention")
@@ -5032,7 +5136,7 @@ def doctor_checks(home: Home, settings: dict):
           os.path.join(home.www(), "index.html"), "sudo deploy/install.sh (it installs www/)")
     experiments = []
     try:
-        experiments = find_experiments(home.root, [])
+        experiments = find_experiments(home.root, [], settings)
         check("experiments", experiments, f"{len(experiments)} found: " + ", ".join(e.id for e in experiments),
               f"add a folder with a meta.json under {os.path.join(home.root, 'experiments')}")
     except BadInput as exc:
@@ -5075,7 +5179,10 @@ def doctor_checks(home: Home, settings: dict):
     check("free disk", free >= 500 * 2 ** 20, f"{free / 2 ** 30:.1f} GiB free for var/",
           f"free space, or lower KEEP_RUNS (now {settings['KEEP_RUNS']})")
     for experiment in experiments:
-        if experiment.target_url and not experiment.measure_sh:
+        missing = lacks(experiment)
+        check(f"experiment {experiment.id}", True, "applies on this box" if not missing else
+              f"does not apply on this box (it needs {', '.join(missing)}); the timer skips it")
+        if experiment.target_url and not experiment.measure_sh and not missing:
             answered = probe_target(experiment)
             check(f"target of {experiment.id}", answered.startswith("answered 2") or answered.startswith("answered 3"),
                   f"{experiment.target_url} {answered}",
@@ -5180,18 +5287,32 @@ def cmd_measure(args, settings) -> int:
 def cmd_run(args, settings) -> int:
     """run [EXPERIMENT ...]: the experiments in order, each reverted unless kept."""
     home = Home(args.home)
-    experiments = find_experiments(home.root, args.experiments)
+    experiments = find_experiments(home.root, args.experiments, settings)
     if not experiments:
         raise BadInput(f"no experiments under {os.path.join(home.root, 'experiments')}")
     if args.dry_run:
-        print(format_plan(experiments, settings))
+        print(format_plan(experiments, settings, {e.id: configured(e, settings) for e in experiments}))
         return 0
     runner = Runner(home, settings, stop=args.stop)
     return runner.run(experiments) if args.experiments else runner.run_rotation(experiments)
 
 
-def format_plan(experiments, settings) -> str:
-    """What run would do, for --dry-run: experiments, design, variants, commands, durations."""
+def configured(experiment: Experiment, settings: dict) -> dict:
+    """What the experiment's helper says is in effect now for the names it sets (`HELPER get`), or {}
+    when it has no helper or the helper cannot tell."""
+    if not experiment.helper_names:
+        return {}
+    result = run_command(experiment.helper_call("get", experiment.helper_names), experiment.path,
+                         settings["COMMAND_TIMEOUT_SECONDS"], stdout_only=True)
+    if not result.ok:
+        return {}
+    return dict(line.split(None, 1) for line in result.output.splitlines() if len(line.split(None, 1)) == 2)
+
+
+def format_plan(experiments, settings, now=None) -> str:
+    """What run would do, for --dry-run: experiments, design, variants, commands, durations; with
+    `now` (experiment id -> the helper's settings in effect), which variants are A/A trials."""
+    now = now or {}
     lines = []
     total = 0.0
     for experiment in experiments:
@@ -5216,9 +5337,15 @@ def format_plan(experiments, settings) -> str:
                   f"  measure  {how}",
                   f"  design   {shape}",
                   f"  baseline {experiment.baseline['name']}: apply {experiment.apply_command(experiment.baseline) or '(nothing)'}"]
+        lacking = lacks(experiment)
+        if lacking:
+            lines.append(f"  skipped  it does not apply on this box: it needs {', '.join(lacking)}")
+        current = now.get(experiment.id) or {}
         for variant in experiment.candidates:
+            same = variant.get("set") and all(current.get(name) == str(value) for name, value in variant["set"].items())
             lines.append(f"  variant  {variant['name']}: apply {experiment.apply_command(variant)}; "
-                         f"{schedule.variant_seconds():g} s at most; decide; revert unless kept")
+                         f"{schedule.variant_seconds():g} s at most; decide; revert unless kept"
+                         + ("; it equals what is configured now (an A/A trial: expect a revert)" if same else ""))
         lines += [f"  revert   {experiment.revert}",
                   f"  decide   {experiment.decider or 'built-in rules'}" + ("; may stop early" if schedule.early_stop else ""),
                   f"  at most  {longest:g} s of measuring plus command time"]
@@ -5229,14 +5356,14 @@ def format_plan(experiments, settings) -> str:
 def cmd_apply(args, settings) -> int:
     """apply EXPERIMENT VARIANT: apply a known variant, verify it against the baseline, revert on harm."""
     home = Home(args.home)
-    experiment = find_experiments(home.root, [args.experiment])[0]
+    experiment = find_experiments(home.root, [args.experiment], settings)[0]
     return Runner(home, settings, stop=args.stop).apply(experiment, args.variant)
 
 
 def cmd_revert(args, settings) -> int:
     """revert EXPERIMENT: revert its kept variant (the experiment is tried again by the next run)."""
     home = Home(args.home)
-    experiment = find_experiments(home.root, [args.experiment])[0]
+    experiment = find_experiments(home.root, [args.experiment], settings)[0]
     code = Runner(home, settings, stop=args.stop).revert_experiment(experiment)
     publish_dashboard(home)
     return code
@@ -5317,6 +5444,10 @@ def cmd_phone_home(args, settings) -> int:
 def cmd_status(args, settings) -> int:
     """status [--json]: what is applied, last verdicts, next run, attention; exit 1 when something needs it."""
     status = collect_status(Home(args.home), args.runs)
+    try:
+        status["experiments"] = {e.id: lacks(e) for e in find_experiments(args.home, [], settings)}
+    except BadInput as exc:
+        status["attention"].append(str(exc))
     print(json.dumps(status, indent=2) if args.json else format_status(status), end="" if not args.json else "\n")
     return 1 if status["attention"] else 0
 
