@@ -240,6 +240,10 @@ SETTINGS = {
     "VERIFY_SECONDS": (60.0, Kind.number(float, 0, low_open=True), "apply: baseline and variant check length"),
     "COMMAND_TIMEOUT_SECONDS": (60.0, Kind.number(float, 0, low_open=True), "time box of each command"),
     "RETRY_HOURS": (24.0, Kind.number(float, 0), "the timer tries an experiment that kept nothing again after this"),
+    "RECHECK_DAYS": (7.0, Kind.number(float, 0), "the timer re-checks a kept variant this long after its last "
+                     "confirmation; 0 never"),
+    "ACCESS_LOG": ("/var/log/nginx/smart-timing.log", Kind.text("an absolute path", r"^/\S*\Z"),
+                   "nginx's timing log of visitors' requests, for measure.source access-log"),
     "KEEP_RUNS": (200, Kind.number(int, 1), "run folders kept under var/runs"),
     "PHONE_HOME": ("borderline", Kind.choice("never", "borderline", "always"), "when to ask the coach"),
     "PHONE_HOME_URL": ("", URL_OR_EMPTY, "coach endpoint"),
@@ -357,6 +361,7 @@ def measure_fields() -> dict:
                         lambda value: isinstance(value, list) and all(isinstance(h, str) for h in value)),
         "insecure": Kind("true or false", None, lambda value: isinstance(value, bool)),
         "connections": Kind.choice(*CONNECTION_MODES),
+        "source": Kind.choice(*MEASURE_SOURCES),
     }
 
 
@@ -387,7 +392,8 @@ class Experiment:
         self.site_url = settings["SITE_TLS_URL" if meta.get("site") == "tls" else "SITE_URL"]
         self.id = meta.get("id") or os.path.basename(path)
         self.description = meta.get("description", "")
-        self.variants = meta["variants"]
+        self.sweep = meta.get("sweep")
+        self.variants = meta.get("variants") or sweep_variants(self.sweep)
         self.baseline = next((v for v in self.variants if v["name"] == "baseline"), self.variants[0])
         self.candidates = [v for v in self.variants if v is not self.baseline]
         names = sorted({name for v in self.variants for name in (v.get("set") or {})})
@@ -459,6 +465,9 @@ def load_experiment(path: str, settings=None) -> Experiment:
     for field, kind in dict(META_FIELDS, measure_interval_sec=shape_kind("interval")).items():
         if meta.get(field) is not None:
             check(field, meta[field], kind)
+    if meta.get("sweep") is not None:
+        _check_sweep(meta, bad)
+        meta = dict(meta, variants=sweep_variants(meta["sweep"]))
     _check_variants(meta.get("variants"), bad)
     has_measure_sh = os.path.isfile(os.path.join(path, "measure.sh"))
     if meta.get("target_url") is None and meta.get("urls") is None and not has_measure_sh:
@@ -493,6 +502,97 @@ def load_experiment(path: str, settings=None) -> Experiment:
     if not meta.get("revert") and not experiment.helper_names and not os.path.isfile(os.path.join(path, "revert.sh")):
         raise bad("revert", "required (or a revert.sh in the folder, or variants that set through a helper)")
     return experiment
+
+
+SWEEP_MOST = 32      # values a sweep may walk
+SWEEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_]{0,39}\Z"
+
+
+def sweep_values(sweep: dict) -> list:
+    """A sweep's values in the order it walks them: ascending (docs/SPEC.md "Sweeps")."""
+    if "values" in sweep:
+        return sorted(sweep["values"])
+    low, high, step = sweep["from"], sweep["to"], sweep["step"]
+    steps = math.floor((high - low) / step + 1e-9)
+    whole = all(isinstance(x, int) for x in (low, high, step))
+    return [low + i * step if whole else round(low + i * step, 9) for i in range(steps + 1)]
+
+
+def _number_text(value) -> str:
+    """A sweep value as the helper gets it: 8, not 8.0; 0.25 as is."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) if isinstance(value, int) else f"{value:.9g}"
+
+
+def sweep_template(sweep: dict) -> dict:
+    """NAME -> VALUE with {value} in it, from a sweep's `set` (a name alone means NAME: {value})."""
+    return dict(sweep["set"]) if isinstance(sweep["set"], dict) else {sweep["set"]: "{value}"}
+
+
+def sweep_variants(sweep: dict) -> list:
+    """The variants a sweep stands for: the baseline (the configuration as it is), then one per value,
+    named NAME_VALUE, whose `set` has the value in place of {value}."""
+    variants = [{"name": "baseline"}]
+    for value in sweep_values(sweep):
+        text = _number_text(value)
+        variants.append({"name": f"{sweep['name']}_{text}", "value": value,
+                         "set": {key: str(word).replace("{value}", text) for key, word in sweep_template(sweep).items()}})
+    return variants
+
+
+def _check_sweep(meta: dict, bad) -> None:
+    """meta.json's sweep: {"name", "set", and "values" or "from"/"to"/"step"}, through the helper."""
+    sweep = meta["sweep"]
+    if not isinstance(sweep, dict):
+        raise bad("sweep", "expected an object with name, set, and values or from, to and step")
+    if meta.get("variants") is not None:
+        raise bad("sweep", "give variants or a sweep, not both (a sweep's baseline is the configuration as it is)")
+    if not meta.get("helper"):
+        raise bad("sweep", "needs the experiment's \"helper\" (smart-nginx or smart-php), which sets each value")
+    known = ("name", "set", "values", "from", "to", "step")
+    for key in sweep:
+        if key not in known:
+            raise bad(f"sweep.{key}", f"unknown; expected one of {', '.join(known)}")
+    if not isinstance(sweep.get("name"), str) or not re.match(SWEEP_NAME, sweep["name"]):
+        raise bad("sweep.name", f"{sweep.get('name')!r}: 1 to 40 letters, digits and _ (variants are NAME_VALUE)")
+    template = sweep.get("set")
+    if isinstance(template, str):
+        template = {template: "{value}"}
+    if not isinstance(template, dict) or not template or not all(
+            isinstance(key, str) and re.match(HELPER_WORD, key) and isinstance(word, (str, int))
+            and not isinstance(word, bool) for key, word in template.items()):
+        raise bad("sweep.set", "expected a helper setting's name, or an object of NAME: VALUE")
+    if not any("{value}" in str(word) for word in template.values()):
+        raise bad("sweep.set", "no VALUE has {value} in it: every value of the sweep would set the same")
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if "values" in sweep:
+        if any(key in sweep for key in ("from", "to", "step")):
+            raise bad("sweep.values", "give values or from, to and step, not both")
+        values = sweep["values"]
+        if not isinstance(values, list) or not all(number(value) for value in values):
+            raise bad("sweep.values", "expected a list of numbers")
+        if len(set(values)) != len(values):
+            raise bad("sweep.values", "a value is listed twice")
+    else:
+        if not all(number(sweep.get(key)) for key in ("from", "to", "step")):
+            raise bad("sweep", "needs values, or from, to and step (numbers)")
+        if sweep["step"] <= 0 or sweep["to"] <= sweep["from"]:
+            raise bad("sweep.step", "from must be below to, and step above 0")
+        if (sweep["to"] - sweep["from"]) / sweep["step"] + 1 > SWEEP_MOST + 1e-9:
+            raise bad("sweep.step", f"more than {SWEEP_MOST} values from {sweep['from']} to {sweep['to']}")
+        values = sweep_values(sweep)
+    if not 2 <= len(values) <= SWEEP_MOST:
+        raise bad("sweep.values", f"a sweep walks 2 to {SWEEP_MOST} values; this has {len(values)}")
+    for value in values:
+        for key, word in template.items():
+            text = str(word).replace("{value}", _number_text(value))
+            if not re.match(HELPER_WORD, text):
+                raise bad(f"sweep.set.{key}", f"value {value!r} gives {text!r}: a helper value is letters, digits, "
+                                             ". and _")
 
 
 def _check_helper_and_requires(meta: dict, bad) -> None:
@@ -690,6 +790,7 @@ _RECV = 16384                   # bytes per read
 _READ_NS = 1_000_000            # reading one connection yields to the loop after this long
 _POLL_NS = 50_000_000           # should_stop is asked at least this often
 CONNECTION_MODES = ("reuse", "new", "resume")
+MEASURE_SOURCES = ("prober", "access-log")     # measure.source: probes of our own, or visitors' requests
 
 
 class Target:
@@ -1422,6 +1523,13 @@ def is_failure(code: int) -> bool:
     return code == 0 or code >= 500
 
 
+def answer_class(code: int) -> int:
+    """The status a request's answer is judged as: a 206 (a range of it) or a 304 (not modified)
+    answers a request for the same page as its 200 does, so a visitor's conditional and range
+    requests never pass for a broken route."""
+    return 200 if code in (206, 304) else code
+
+
 class Arm:
     """One arm's measurements: the latencies of its successful requests (array of float ms) with
     their status, URL and block, and a count of every answer.
@@ -1430,8 +1538,8 @@ class Arm:
     URL into failures, so that a variant breaking routing (fast 404s) can never pass for faster.
     """
 
-    __slots__ = ("path", "latencies", "statuses", "status", "urls", "url_names", "blocks", "total", "errors",
-                 "block_totals", "block_errors", "block_started", "answers", "in_order")
+    __slots__ = ("path", "latencies", "statuses", "status", "urls", "url_names", "url_lookup", "blocks", "total",
+                 "errors", "block_totals", "block_errors", "block_started", "answers", "in_order")
 
     def __init__(self, path="-"):
         self.path = path
@@ -1440,6 +1548,7 @@ class Arm:
         self.status = None                    # ... until then the one status every success had
         self.urls = None                      # array('H') parallel to latencies, once rows name their URL
         self.url_names = [None]               # what those indexes stand for; 0 is "the one URL"
+        self.url_lookup = {None: 0}           # ... and the other way round
         self.blocks = None                    # array('l') parallel to latencies, when rows carry a block
         self.total = 0
         self.errors = 0
@@ -1488,11 +1597,11 @@ class Arm:
         return self.urls
 
     def _url_index(self, url) -> int:
-        try:
-            return self.url_names.index(url)
-        except ValueError:
+        index = self.url_lookup.get(url)
+        if index is None:
+            index = self.url_lookup[url] = len(self.url_names)
             self.url_names.append(url)
-            return len(self.url_names) - 1
+        return index
 
     @property
     def ok(self) -> int:
@@ -1511,17 +1620,22 @@ class Arm:
             self.in_order = True
 
     def usual_status(self) -> dict:
-        """URL -> the status (1xx-4xx) this arm answered most often for it; ties go to the lower status."""
-        best = {}
+        """URL -> the status (1xx-4xx) this arm answered most often for it, 206 and 304 counted as
+        the 200 they stand for (answer_class); ties go to the lower status."""
+        counts = collections.Counter()
         for (url, code), count in self.answers.items():
-            if 100 <= code < 500 and (count, -code) > best.get(url, (0, 0)):
+            if 100 <= code < 500:
+                counts[(url, answer_class(code))] += count
+        best = {}
+        for (url, code), count in counts.items():
+            if (count, -code) > best.get(url, (0, 0)):
                 best[url] = (count, -code)
         return {url: -negative for url, (_, negative) in best.items()}
 
     def judged(self, usual: dict) -> "Arm":
         """This arm with every successful request whose status differs from usual[its URL] failed."""
         wrong = {(url, code) for (url, code) in self.answers
-                 if not is_failure(code) and url in usual and code != usual[url]}
+                 if not is_failure(code) and url in usual and answer_class(code) != usual[url]}
         if not wrong:
             return self
         return self._select(lambda url, code, block: (url, code) not in wrong)
@@ -1535,7 +1649,7 @@ class Arm:
         """A copy of the successful rows keeps(url, code, block) holds for (the others become failures),
         over the given blocks (all when None)."""
         part = Arm(self.path)
-        part.url_names = list(self.url_names)
+        part.url_names, part.url_lookup = list(self.url_names), dict(self.url_lookup)
         part.urls = None if self.urls is None else array.array("H")
         part.blocks = None if self.blocks is None else array.array("l")
         urls = self.urls if self.urls is not None else repeat(0)
@@ -2702,11 +2816,12 @@ def clear_journal(home: Home) -> None:
         os.unlink(home.journal)
 
 
-def forget_kept(home: Home, experiment_id, variant, run_id) -> bool:
-    """Drop kept.json's entry for an experiment when it names that variant of that run; whether it did."""
+def forget_kept(home: Home, experiment_id, variant=None, run_id=None) -> bool:
+    """Drop kept.json's entry for an experiment (when given: only if it names that variant of that
+    run); whether it did."""
     kept = read_kept(home)
     mine = kept.get(experiment_id)
-    if not (mine and mine.get("variant") == variant and mine.get("run_id") == run_id):
+    if not mine or (variant is not None and (mine.get("variant") != variant or mine.get("run_id") != run_id)):
         return False
     del kept[experiment_id]
     write_json(home.kept, kept)
@@ -3046,7 +3161,22 @@ def variant_record(name: str, decision: str, reason: str, result=None, stopped_e
 
 HISTORY_VARIANT_KEYS = ("name", "decision", "reason", "borderline", "metrics")
 HISTORY_KEYS = ("run_id", "experiment", "status", "kept_variant", "metrics", "started_at", "finished_at", "reason",
-                "design", "stopped_early")
+                "design", "stopped_early", "baseline_p50_ms", "anomaly", "recheck", "sweep", "source")
+
+
+def baselines_of(history, experiment_id) -> list:
+    """The baseline p50s (ms) of an experiment's runs, oldest first; a run recorded before they were
+    gives its variants' baseline p50."""
+    found = []
+    for entry in history:
+        if entry.get("experiment") != experiment_id:
+            continue
+        value = entry.get("baseline_p50_ms")
+        if value is None:
+            value = (entry.get("metrics") or {}).get("base_p50_ms")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            found.append(value)
+    return found
 
 
 def variant_metrics(result: Verdict) -> dict:
@@ -3083,6 +3213,7 @@ class RunRecord:
             "version": __version__, "pid": os.getpid(), "design": None, "variants": [], "current": None,
             "reason": None,
             "stopped_early": None, "defined_variants": [v["name"] for v in experiment.variants], "coach": None,
+            "baseline_p50_ms": None, "anomaly": None, "recheck": None, "sweep": None, "source": None,
         }
         return cls(home, log, command, run_id, run_dir, state)
 
@@ -3107,11 +3238,15 @@ class RunRecord:
     def add_variant(self, record: dict) -> None:
         """A variant's outcome; a decided one's figures are also the run's `metrics`."""
         self.state["variants"].append(record)
+        self.headline(record)
+        if record["stopped_early"]:
+            self.state["stopped_early"] = f"{record['name']}: {record['stopped_early']}"
+
+    def headline(self, record: dict) -> None:
+        """The run's `metrics`: a decided variant's p50s and error rates."""
         if record["metrics"] is not None:
             self.state["metrics"] = {key: record["metrics"][key] for key in
                                      ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")}
-        if record["stopped_early"]:
-            self.state["stopped_early"] = f"{record['name']}: {record['stopped_early']}"
 
     def write_journal(self, experiment: Experiment, variant: str, in_flight=None) -> None:
         write_journal(self.home, self.run_id, experiment, variant, in_flight)
@@ -3179,8 +3314,12 @@ class Runner:
         return self.locked(lambda: self.each(experiments, start))
 
     def run_rotation(self, experiments) -> int:
-        """The timer's pass: every experiment that is not resting (settled, or tried within RETRY_HOURS)."""
+        """The timer's pass: every experiment that is not resting (settled, or tried within RETRY_HOURS);
+        a settled one whose kept variant is due for its re-check (RECHECK_DAYS) is re-checked."""
         def start(experiment):
+            kept = self.recheck_due(experiment)
+            if kept is not None:
+                return self.recheck(experiment, kept)
             why = self.resting(experiment)
             if why is None:
                 return self.run_experiment(experiment, Trial.run)
@@ -3191,6 +3330,28 @@ class Runner:
                 write_json(self.home.state, state)
             return "done"
         return self.locked(lambda: self.each(experiments, start))
+
+    def run_rechecks(self, experiments, named: bool) -> int:
+        """Re-check the kept variant of each experiment now (docs/SPEC.md "Re-checks")."""
+        if named:
+            kept = read_kept(self.home)
+            for experiment in experiments:
+                if experiment.id not in kept:
+                    raise BadInput(f"{experiment.id} has no kept variant to re-check")
+
+        def start(experiment):
+            kept = read_kept(self.home).get(experiment.id)
+            if kept is None:
+                return "done"
+            return self.recheck(experiment, kept)
+
+        def work():
+            chosen = [e for e in experiments if e.id in read_kept(self.home)]
+            if not chosen:
+                self.log("nothing is kept: nothing to re-check")
+                return 0
+            return self.each(chosen, start)
+        return self.locked(work)
 
     def apply(self, experiment: Experiment, name: str) -> int:
         """Apply one known variant on purpose (a fleet rollout): verify it against a fresh baseline.
@@ -3274,8 +3435,9 @@ class Runner:
         if not result.ok:
             raise RevertFailed(f"recovery revert of {entry.get('experiment')}/{entry.get('variant')} "
                                f"{result.describe()}; fix it by hand, then run 'smart.py recover'")
-        # A run killed in its keep, or while reverting a kept variant, leaves kept.json naming it: undone.
-        if forget_kept(self.home, entry.get("experiment"), entry.get("variant"), entry.get("run_id")):
+        # The revert returns the whole experiment to its baseline: whatever kept.json says it kept (a run
+        # killed in its keep, while reverting a kept variant, or in a re-check) is undone.
+        if forget_kept(self.home, entry.get("experiment")):
             self.log(f"recovering: {entry['experiment']}/{entry['variant']} is reverted and no longer kept")
         clear_journal(self.home)
         self._close_dead_run(entry)
@@ -3345,6 +3507,25 @@ class Runner:
         self.log(f"{experiment.id}: reverted {variant}")
         return True
 
+    def recheck_due(self, experiment: Experiment):
+        """The kept.json entry of an experiment whose kept variant is due for its re-check, or None."""
+        days = self.settings["RECHECK_DAYS"]
+        kept = read_kept(self.home).get(experiment.id)
+        if not kept or days <= 0 or lacks(experiment):
+            return None
+        age = _age_minutes(kept.get("confirmed_at") or kept.get("kept_at"))
+        return kept if age is None or age >= days * 1440 else None
+
+    def recheck(self, experiment: Experiment, kept: dict) -> str:
+        """One re-check run of an experiment's kept variant (Trial.run_recheck)."""
+        variant = experiment.variant(kept["variant"])
+        if variant is None or variant is experiment.baseline:
+            self.log(f"{experiment.id}: the kept {kept['variant']} is no longer a variant in its meta.json, so it "
+                     "cannot be re-checked: it is reverted and the experiment reopens", "warning")
+            self.revert_kept(experiment)
+            return "done"
+        return self.run_experiment(experiment, lambda trial: trial.run_recheck(variant, kept))
+
     def resting(self, experiment: Experiment):
         """Why the timer's run skips an experiment now (it does not apply on this box, a kept variant, or
         tried within RETRY_HOURS), or None."""
@@ -3353,8 +3534,12 @@ class Runner:
             return f"does not apply on this box: it needs {', '.join(missing)}"
         kept = read_kept(self.home).get(experiment.id)
         if kept:
-            return (f"settled, {kept.get('variant')} kept in run {kept.get('run_id')}; "
-                    f"'smart.py revert {experiment.id}' reopens it")
+            days = self.settings["RECHECK_DAYS"]
+            since = kept.get("confirmed_at") or kept.get("kept_at")
+            when = (f"re-checked {days:g} days after {since} (RECHECK_DAYS)" if days > 0
+                    else "never re-checked (RECHECK_DAYS=0)")
+            return (f"settled, {kept.get('variant')} kept in run {kept.get('first_run_id') or kept.get('run_id')}, "
+                    f"{when}; 'smart.py revert {experiment.id}' reopens it")
         last = None
         for entry in _history(self.home):
             if entry.get("experiment") == experiment.id:
@@ -3385,6 +3570,8 @@ class Runner:
         problems = []
         if status != "done":
             reason = trial.switch.abandon(reason)
+            if record.state.get("recheck") and record.state["recheck"].get("outcome") is None:
+                record.state["recheck"]["outcome"] = "reverted"      # the run ended unfinished: reopened
             self.log(f"run {record.run_id} {status}: {reason}", "error" if status == "failed" else "warning")
             problems.append(f"{status}: {reason}")
         try:
@@ -3395,6 +3582,7 @@ class Runner:
             status = "failed"
             problems.append(f"could not be recorded ({os_problem(exc)})")
         finally:
+            trial.measurer.close()
             record.close()
         if self.log.status is not None:
             self.log.status.clear()
@@ -3409,8 +3597,9 @@ class Runner:
         """The Trial of one run, with its switcher and measurer."""
         schedule = Schedule.of(experiment, self.settings)
         return Trial(record, experiment, schedule, Thresholds(self.settings), self.settings["VERIFY_SECONDS"],
-                     Switcher(record, experiment, self.stop), Measurer(record, experiment, schedule, self.stop),
-                     self.stop, self.clock)
+                     Switcher(record, experiment, self.stop),
+                     Measurer(record, experiment, schedule, self.stop, settings=self.settings),
+                     self.stop, self.clock, usual_baselines=baselines_of(_history(self.home), experiment.id))
 
     def hook(self, name: str, record: RunRecord) -> None:
         path = os.path.join(self.home.root, "hooks", name)
@@ -3432,7 +3621,7 @@ class Runner:
         if saved:
             self.log(f"measurement CSVs gzip-compressed, {saved / 1048576:.1f} MiB saved")
         self.rotate_runs(record.run_id)
-        publish_dashboard(self.home, running=False)
+        publish_dashboard(self.home, running=False, recheck_days=self.settings["RECHECK_DAYS"])
         self.log(f"finished: status {status}, kept {record.state['kept_variant'] or 'nothing'}")
 
     def ask_coach(self, record: RunRecord) -> None:
@@ -3441,7 +3630,7 @@ class Runner:
             return
         self.log(f"asking the coach {_public_url(self.settings['PHONE_HOME_URL'])}")
         try:
-            advice = phone_home(record.state, self.settings)
+            advice = phone_home(record.state, self.settings, trend=trend_summary(self.home, record.state["experiment"]))
         except (SmartError, OSError) as exc:
             self.log(f"coach: {exc}", "warning")
             record.save(coach={"advice": None, "error": str(exc), "at": utc_now(),
@@ -3487,13 +3676,17 @@ class Trial:
 
     def __init__(self, record: RunRecord, experiment: Experiment, schedule: Schedule, thresholds: Thresholds,
                  verify_seconds: float, switch: "Switcher", measurer: "Measurer", stop: StopFlag,
-                 clock=time.monotonic):
+                 clock=time.monotonic, usual_baselines=()):
         self.record, self.experiment, self.schedule, self.thresholds = record, experiment, schedule, thresholds
         self.verify_seconds = verify_seconds
-        self.switch, self.measure, self.stop, self.clock = switch, measurer.measure, stop, clock
+        self.switch, self.measurer, self.measure = switch, measurer, measurer.measure
+        self.stop, self.clock = stop, clock
         self.log = record.log
         self.block = 0               # switchback blocks are numbered across the run; 0 is the opening warm-up
         self.reference = Arm()       # baseline rows the guard compares against
+        self.baseline = None         # the judged baseline arm, once measuring starts
+        self.usual_baselines = list(usual_baselines)     # earlier runs' baseline p50s, oldest first (anomaly)
+        self.recheck = None          # kept.json's entry of the variant a re-check is about
 
     def guard(self) -> "Guard":
         return Guard(self.reference, self.thresholds, self.clock)
@@ -3511,27 +3704,40 @@ class Trial:
             raise Unhealthy(f"the baseline is not healthy, so no variant was tried: {problem}")
 
     # -- the two designs --
-    def run(self) -> None:
+    def run(self, candidates=None) -> None:
+        """The experiment's variants (or the candidates given) under the run's design."""
+        candidates = self.experiment.candidates if candidates is None else candidates
         self.record.save(design=self.schedule.design)
         if self.log.status is not None:
-            self.log.status.update(run_ends=self.clock() + HEALTH_SECONDS
-                                   + self.schedule.run_seconds(len(self.experiment.candidates)))
+            self.log.status.update(run_ends=self.clock() + HEALTH_SECONDS + self.schedule.run_seconds(len(candidates)))
         self.switch.to(self.experiment.baseline)
         self.check_health()
+        self.record.save(source=self.measurer.choose_source())
         if self.schedule.design == "switchback":
-            self.run_switchback()
+            self.run_switchback(candidates)
         else:
-            self.run_sequential()
+            self.run_sequential(candidates)
+        self.note_baseline()
 
-    def run_sequential(self) -> None:
-        baseline = Arm()
+    def run_recheck(self, variant: dict, kept: dict) -> None:
+        """Re-check a kept variant: it is taken back under the journal, reverted, and tried again
+        against the baseline under the run's design; kept again only when it still meets the rules."""
+        self.recheck = kept
+        self.switch.adopt(variant["name"], kept)
+        self.record.save(recheck={"variant": variant["name"], "kept_at": kept.get("kept_at"),
+                                  "kept_in": kept.get("first_run_id") or kept.get("run_id"),
+                                  "confirmed_at": kept.get("confirmed_at"), "outcome": None})
+        self.log(f"re-check of {variant['name']} (kept {kept.get('kept_at')}, last confirmed "
+                 f"{kept.get('confirmed_at') or 'never'}): reverted, then measured against the baseline again")
+        self.switch.back()
+        self.run([variant])
+
+    def run_sequential(self, candidates) -> None:
+        baseline = self.baseline = Arm()
         self.measure("baseline", self.schedule.baseline_seconds, baseline)
         self.check_health(baseline)
         self.reference = baseline
-        for variant in self.experiment.candidates:
-            self.stop.check()
-            if self.record_outcome(variant, self.attempt(variant, lambda: self.sequential_variant(variant, baseline))):
-                return
+        self.walk(candidates, lambda variant: self.sequential_variant(variant, baseline))
 
     def sequential_variant(self, variant: dict, baseline: Arm) -> dict:
         name, schedule = variant["name"], self.schedule
@@ -3551,17 +3757,82 @@ class Trial:
             return self.decided(name, look.result, stopped_early=look.fraction)
         return self.decided(name, verdict(baseline, arm, self.thresholds, fraction=1.0 if look else None))
 
-    def run_switchback(self) -> None:
+    def run_switchback(self, candidates) -> None:
         seed = int(self.record.run_id[:15].replace("T", "")) % (2 ** 32)
         rng = random.Random(seed)
         self.log(f"switchback: {self.schedule.blocks} block pairs per variant, order seed {seed}")
         self.measure_reference()
-        baseline = Arm()
-        for variant in self.experiment.candidates:
+        baseline = self.baseline = Arm()
+        self.walk(candidates, lambda variant: self.switchback_variant(variant, baseline, rng))
+
+    def walk(self, candidates, measure_one) -> None:
+        """Each candidate in turn until one is kept; a sweep walks its values and keeps the best."""
+        if self.experiment.sweep is not None and self.recheck is None:
+            self.walk_sweep(candidates, measure_one)
+            return
+        for variant in candidates:
             self.stop.check()
-            if self.record_outcome(variant, self.attempt(variant, lambda: self.switchback_variant(variant, baseline,
-                                                                                                   rng))):
+            if self.record_outcome(variant, self.attempt(variant, lambda: measure_one(variant))):
                 return
+
+    def walk_sweep(self, candidates, measure_one) -> None:
+        """A line search: the values in ascending order, each against the baseline by the rules, until
+        one is worse than the best so far (worse_than_best); the best value that passed is kept."""
+        sweep = {"name": self.experiment.sweep["name"], "order": "ascending",
+                 "values": [v["name"] for v in candidates], "tried": 0, "best": None, "stopped": None}
+        self.record.save(sweep=sweep)
+        best = None
+        passed = {}         # the record of each value that passed every rule -> the rules' reason
+        for index, variant in enumerate(candidates):
+            self.stop.check()
+            record = self.attempt(variant, lambda: measure_one(variant))
+            sweep["tried"] = index + 1
+            if record["decision"] == "keep":
+                rules = record["reason"]
+                record = dict(record, decision="revert",
+                              reason=f"revert for now: it passes every rule ({rules}); the sweep walks on")
+                passed[id(record)] = rules
+            self.record.add_variant(record)
+            self.switch.back()
+            why = None if best is None else self.worse_than_best(record, best[1])
+            if id(record) in passed and (best is None or
+                                         record["metrics"]["improve_pct"] > best[1]["metrics"]["improve_pct"]):
+                best = (variant, record)
+                sweep["best"] = variant["name"]
+            if why:
+                left = [v["name"] for v in candidates[index + 1:]]
+                sweep["stopped"] = f"{why}: the walk stops" + (f" ({', '.join(left)} not tried)" if left else "")
+                self.log(f"sweep {sweep['name']}: {sweep['stopped']}")
+                self.record.save(sweep=sweep)
+                break
+            self.record.save(sweep=sweep)
+        if best is None:
+            return
+        variant, record = best
+        for other in self.record.state["variants"]:
+            if id(other) in passed and other is not record:
+                other["reason"] = (f"revert: it passes every rule, but {variant['name']} improved p50 more "
+                                   f"({_fmt_pct(other['metrics']['improve_pct'])} against "
+                                   f"{_fmt_pct(record['metrics']['improve_pct'])})")
+        record.update(decision="keep", reason=f"keep: the best of the sweep's {sweep['tried']} values tried: "
+                                              f"{passed[id(record)].split(': ', 1)[-1]}")
+        record.update(self.fair(record))
+        self.record.headline(record)
+        self.log(f"sweep {sweep['name']}: {record['reason']}")
+        self.settle(variant, record)
+
+    def worse_than_best(self, record: dict, best: dict):
+        """Why a sweep's value ends the walk, or None: it did harm (or could not be applied), or even
+        the upper end of its improvement's interval is below the best value's improvement."""
+        verdict_of = record.get("verdict")
+        name = record["name"]
+        if verdict_of is None or {"errors", "tail"} & set(verdict_of["failed_rules"]):
+            return f"{name} did harm or failed ({record['reason'].split(': ', 1)[-1]})"
+        ci = verdict_of.get("improve_ci")
+        if ci is not None and ci[1] < best["metrics"]["improve_pct"]:
+            return (f"{name} improves p50 by {_fmt_pct(ci[1])} at most ({verdict_of['confidence']:g} interval), "
+                    f"less than {best['name']} did ({_fmt_pct(best['metrics']['improve_pct'])})")
+        return None
 
     def measure_reference(self) -> None:
         """The opening warm-up on the baseline, long enough to give the guard GUARD_MIN_ROWS good rows."""
@@ -3614,11 +3885,12 @@ class Trial:
         self.record.save(design="apply")
         self.switch.to(self.experiment.baseline)
         self.check_health()
-        baseline = Arm()
+        baseline = self.baseline = Arm()
         self.measure("baseline", self.verify_seconds, baseline)
         self.check_health(baseline)
         self.reference = baseline
         self.record_outcome(variant, self.attempt(variant, lambda: self.verify_variant(variant, baseline)))
+        self.note_baseline()
 
     def verify_variant(self, variant: dict, baseline: Arm) -> dict:
         name = variant["name"]
@@ -3654,14 +3926,62 @@ class Trial:
 
     def record_outcome(self, variant: dict, record: dict) -> bool:
         """Store a variant's outcome; keep it applied when kept (True), else make sure it is reverted."""
+        record = self.fair(record)
         self.record.add_variant(record)
+        return self.settle(variant, record)
+
+    def settle(self, variant: dict, record: dict) -> bool:
+        """Leave the variant applied for good when its record says keep (True); else revert it."""
+        if self.recheck is not None:
+            outcome = ("reverted" if record["decision"] != "keep" else
+                       "inconclusive" if record.get("anomalous") else "confirmed")
+            self.record.save(recheck=dict(self.record.state["recheck"], outcome=outcome))
         if record["decision"] == "keep":
             self.switch.to(variant)
-            self.switch.keep(variant["name"])
+            self.switch.keep(variant["name"], confirmed=not record.get("anomalous"))
             return True
         self.switch.back()
         self.record.save()
         return False
+
+    def fair(self, record: dict) -> dict:
+        """A decided record as a run may act on it: under an anomaly (the baseline far from its usual
+        range) a run keeps nothing, and a re-check leaves its kept variant as it was, unconfirmed,
+        unless it did harm."""
+        if self.record.state.get("design") == "apply":
+            return record
+        anomaly = self.anomaly()
+        if anomaly is None:
+            return record
+        why = f"the baseline is anomalous ({anomaly['text']})"
+        verdict_of = record.get("verdict")
+        harm = verdict_of is None or bool({"errors", "tail"} & set(verdict_of["failed_rules"]))
+        if self.recheck is not None and not harm:
+            return dict(record, decision="keep", anomalous=True,
+                        reason=f"keep, unconfirmed: {why}, so the re-check cannot judge it; {record['name']} stays "
+                               f"as it was and is re-checked on the next run (the rules said {record['reason']})")
+        if record["decision"] == "keep":
+            return dict(record, decision="revert", anomalous=True,
+                        reason=f"revert: {why}: a run under an anomaly keeps nothing (the rules said "
+                               f"{record['reason']})")
+        return record
+
+    def anomaly(self):
+        """The baseline's anomaly against the experiment's earlier runs (baseline_anomaly), or None."""
+        arm = self.baseline
+        if arm is None or not arm.ok:
+            return None
+        return baseline_anomaly(percentile(sort_latencies(arm.latencies), 50), self.usual_baselines)
+
+    def note_baseline(self) -> None:
+        """The run's baseline p50 and its anomaly, if any, in state.json (and so in the history)."""
+        arm = self.baseline
+        if arm is None or not arm.ok:
+            return
+        anomaly = self.anomaly()
+        if anomaly is not None:
+            self.log(f"anomaly: {anomaly['text']}", "warning")
+        self.record.save(baseline_p50_ms=_round(percentile(sort_latencies(arm.latencies), 50)), anomaly=anomaly)
 
     def aborted(self, name: str, reason: str, strip=()) -> dict:
         self.log(f"{name}: {reason}; reverting at once", "warning")
@@ -3711,6 +4031,29 @@ class Trial:
 
 FIRST_LOOK_PAIR = 2     # the switchback design's sequential stop looks after each pair from this one on
 HEALTH_SECONDS = 1.0    # the probe of the baseline before anything is tried
+ANOMALY_WINDOW = 10     # a baseline is judged against the experiment's last this many baselines ...
+ANOMALY_MIN_RUNS = 5    # ... once there are at least this many
+ANOMALY_K = 4.0         # ... anomalous beyond their median +- K robust standard deviations (1.4826 x MAD) ...
+ANOMALY_FLOOR = 0.10    # ... each at least this share of the median (a steady history is no hair trigger)
+
+
+def baseline_anomaly(p50_ms: float, earlier) -> dict | None:
+    """Whether a run's baseline p50 lies far outside the experiment's recent ones: beyond their
+    median +- ANOMALY_K x max(1.4826 x MAD, ANOMALY_FLOOR x median) over the last ANOMALY_WINDOW
+    runs (at least ANOMALY_MIN_RUNS); the figures and their wording, or None."""
+    recent = [x for x in earlier if isinstance(x, (int, float)) and x > 0][-ANOMALY_WINDOW:]
+    if len(recent) < ANOMALY_MIN_RUNS:
+        return None
+    usual = statistics.median(recent)
+    spread = max(1.4826 * statistics.median(abs(x - usual) for x in recent), ANOMALY_FLOOR * usual)
+    low, high = max(0.0, usual - ANOMALY_K * spread), usual + ANOMALY_K * spread
+    if low <= p50_ms <= high:
+        return None
+    return {"baseline_p50_ms": _round(p50_ms), "usual_p50_ms": _round(usual), "low_ms": _round(low),
+            "high_ms": _round(high), "runs": len(recent), "ratio": _round(p50_ms / usual),
+            "text": f"baseline p50 {p50_ms:.3g} ms is {p50_ms / usual:.2g} x the usual {usual:.3g} ms, outside "
+                    f"{low:.3g}-{high:.3g} ms (median +- {ANOMALY_K:g} robust deviations of the last "
+                    f"{len(recent)} runs)"}
 
 
 def unhealthy(arm: Arm, url=None, expected=None):
@@ -3778,6 +4121,10 @@ def harm_found(result: Verdict, base: Arm, var: Arm, thresholds: Thresholds):
 
 ###### Switching: apply and revert, the journal before every apply ######
 
+RECHECKS_KEPT = 10      # a kept variant's re-checks listed in kept.json (the history has them all)
+RECHECK_OUTCOMES = ("confirmed", "reverted", "inconclusive")
+
+
 def marked(token: str) -> dict:
     """The environment of a journaled command: this process's, with MARK=token."""
     return dict(os.environ, **{MARK: token})
@@ -3794,6 +4141,16 @@ class Switcher:
         self.record, self.experiment, self.stop = record, experiment, stop
         self.applied = None          # the variant applied now and not kept
         self.revert_failed = False
+        self.carried = None          # a re-checked variant's kept.json entry: its age and re-checks go on
+
+    def adopt(self, name: str, kept: dict) -> None:
+        """Take a kept variant back under this run: the journal names it, then kept.json forgets it, so
+        that from here on it is reverted like any variant under test (and by recovery if the run dies)."""
+        self.record.write_journal(self.experiment, name)
+        self.applied, self.carried = name, kept
+        entries = read_kept(self.record.home)
+        entries.pop(self.experiment.id, None)
+        write_json(self.record.home.kept, entries)
 
     def to(self, variant: dict) -> None:
         """Apply a variant (journal first); the baseline's apply, if any, is not journaled once done."""
@@ -3841,15 +4198,28 @@ class Switcher:
         self.record.clear_journal()
         self.applied = None
 
-    def keep(self, name: str) -> None:
+    def keep(self, name: str, confirmed: bool = True) -> None:
         """Leave the applied variant in place for good: state.json, then kept.json say so, then the
         journal goes.  Cut short anywhere, the journal still names the variant and recovery reverts
-        it (and forgets a kept.json entry that got written)."""
+        it (and forgets a kept.json entry that got written).
+
+        A re-checked variant keeps its first keep's time and run, with the re-check added to its
+        list; `confirmed` (the rules held on a fair trial) makes it its last confirmation."""
         home = self.record.home
         self.record.save(kept_variant=name, phase=f"kept {name}")
+        now = utc_now()
+        entry = {"variant": name, "run_id": self.record.run_id, "kept_at": now, "first_run_id": self.record.run_id,
+                 "confirmed_at": None, "rechecks": [], "revert": self.experiment.revert, "path": self.experiment.path}
+        carried = self.carried if self.carried and self.carried.get("variant") == name else None
+        if carried:
+            entry.update(kept_at=carried.get("kept_at") or now,
+                         first_run_id=carried.get("first_run_id") or carried.get("run_id"),
+                         confirmed_at=now if confirmed else carried.get("confirmed_at"),
+                         rechecks=(list(carried.get("rechecks") or []) + [
+                             {"run_id": self.record.run_id, "at": now,
+                              "outcome": "confirmed" if confirmed else "inconclusive"}])[-RECHECKS_KEPT:])
         kept = read_kept(home)
-        kept[self.experiment.id] = {"variant": name, "run_id": self.record.run_id, "kept_at": utc_now(),
-                                    "revert": self.experiment.revert, "path": self.experiment.path}
+        kept[self.experiment.id] = entry
         write_json(home.kept, kept)
         self.record.clear_journal()
         self.applied = None
@@ -3882,9 +4252,44 @@ class Measurer:
     """
 
     def __init__(self, record: RunRecord, experiment: Experiment, schedule: Schedule, stop: StopFlag,
-                 wall=time.time):
+                 wall=time.time, settings=None):
         self.record, self.experiment, self.schedule, self.stop, self.wall = record, experiment, schedule, stop, wall
+        self.settings = settings or {key: spec[0] for key, spec in SETTINGS.items()}
         self.targets = [] if experiment.measure_sh else experiment.targets()
+        self.source = "measure.sh" if experiment.measure_sh else "prober"
+        self.access_log = None       # the AccessLog read while the source is "access-log"
+
+    def close(self) -> None:
+        if self.access_log is not None:
+            self.access_log.close()
+
+    def choose_source(self) -> dict:
+        """What the run measures with: measure.source access-log reads visitors' requests from
+        ACCESS_LOG, unless the log is unreadable or too thin (THIN_FACTOR), when the prober does;
+        {"name", "note"} for state.json."""
+        if self.experiment.measure.get("source") != "access-log":
+            return {"name": self.source, "note": None}
+        log = AccessLog(self.settings["ACCESS_LOG"])
+        needed = THIN_FACTOR * self.settings["MIN_SAMPLES"]
+        seconds = min(self.schedule.baseline_seconds, self.schedule.experiment_seconds)
+        try:
+            count = log.count_since(self.wall() - THIN_WINDOW)
+        except OSError as exc:
+            note = (f"cannot read the access log {log.path} ({os_problem(exc)}; deploy/install.sh sets it up): "
+                    "measured with the prober")
+        else:
+            rate = count / THIN_WINDOW
+            note = None if rate * seconds >= needed else (
+                f"the access log is too thin: {count} visitors' requests in the last {THIN_WINDOW:g} s "
+                f"({rate:.2g}/s) would give an arm of {seconds:g} s about {rate * seconds:.0f}, fewer than "
+                f"{needed} ({THIN_FACTOR} x MIN_SAMPLES): measured with the prober")
+        if note is not None:
+            self.record.log(note, "warning")
+            return {"name": self.source, "note": note}
+        log.open_at_end()
+        self.source, self.access_log = "access-log", log
+        self.record.log(f"measuring visitors' requests from {log.path} ({count} in the last {THIN_WINDOW:g} s)")
+        return {"name": "access-log", "note": None}
 
     def measure(self, name: str, seconds: float, arm: Arm, block=None, guard=None, look=None,
                 step="measuring", reference=None) -> None:
@@ -3903,7 +4308,7 @@ class Measurer:
         self.record.log(f"{step} {variant} for {seconds:g} s -> {os.path.basename(path)}"
                         + ("" if block is None else f" (block {block})"))
 
-        mix = len(self.targets) > 1
+        mix = len(self.targets) > 1 or self.source == "access-log"
 
         status = self.record.log.status
 
@@ -3926,7 +4331,10 @@ class Measurer:
             guard.tripped()
 
     def collect(self, path: str, seconds: float, block, on_row, should_stop, variant: str) -> None:
-        """The rows of one measurement, from measure.sh or the built-in prober."""
+        """The rows of one measurement, from the access log, measure.sh or the built-in prober."""
+        if self.source == "access-log":
+            self.visitors(path, seconds, block, on_row, should_stop, variant)
+            return
         if self.experiment.measure_sh:
             self.script(path, seconds, block, on_row)
             return
@@ -3942,6 +4350,32 @@ class Measurer:
         checks = f", {result.check_failures} failed their check" if result.check_failures else ""
         self.record.log(f"measured {variant}: {result.rows} requests, {result.errors} errors{checks}"
                         + (", stopped early" if result.stopped_early else ""))
+
+    def visitors(self, path: str, seconds: float, block, on_row, should_stop, variant: str) -> None:
+        """The visitors' requests that ended within the next `seconds`, read from the access log as it
+        grows (a row's timestamp is when the request began: its end less its request time)."""
+        start = self.wall()
+        end = start + seconds
+        rows = errors = 0
+        with self.csv_file(path, "timestamp,latency_ms,response_code" + (",block" if block is not None else "")
+                           + ",url\n") as handle:
+            while True:
+                last = should_stop() or self.wall() >= end + ACCESS_GRACE
+                for entry in self.access_log.entries():
+                    done, latency, code, label = entry
+                    if done >= end:
+                        self.access_log.pending.append(entry)
+                    elif done >= start:
+                        sent = done - latency / 1000
+                        handle.write(f"{_iso_millis(sent)},{latency:.3f},{code}"
+                                     + ("" if block is None else f",{block}") + f",{label}\n")
+                        on_row(latency, code, sent, label)
+                        rows += 1
+                        errors += is_failure(code)
+                if last:
+                    break
+                time.sleep(min(ACCESS_POLL, max(0.01, end + ACCESS_GRACE - self.wall())))
+        self.record.log(f"measured {variant} from the access log: {rows} visitors' requests, {errors} failed")
 
     def csv_file(self, path: str, header: str):
         """A measurement CSV opened for appending (blocks add to it); the header written once."""
@@ -3973,6 +4407,81 @@ class Measurer:
             for stamp, latency, code in rows:
                 handle.write(f"{stamp},{latency:.3f},{code}{suffix}\n")
                 on_row(latency, code, _epoch(stamp))
+
+
+THIN_WINDOW = 300.0     # the access log's recent traffic is counted over this many seconds ...
+THIN_FACTOR = 4         # ... and is too thin when it would give an arm fewer than this many x MIN_SAMPLES
+ACCESS_GRACE = 0.3      # seconds after a window's end to wait for its last log lines
+ACCESS_POLL = 0.2       # seconds between two reads of the growing log
+ACCESS_LABELS = 2000    # distinct pages told apart; the requests of any further page are "(other)"
+ACCESS_TAIL = 4 << 20   # bytes at the end of the log the thin-traffic count reads at most
+ACCESS_LINE = re.compile(rb'^(\d+(?:\.\d+)?) (\d+(?:\.\d+)?) (\d{3}) "([A-Z]+) ([^" ?]*)')
+
+
+class AccessLog:
+    """nginx's timing log of visitors' requests (deploy/nginx/smart.conf's smart_timing format:
+    `$msec $request_time $status "$request_method $request_uri" ...`), read as it grows.
+
+    A request is labelled by its path (its method too, unless GET or HEAD), so that each page is
+    judged against its own usual status; a 499 (the visitor gave up before the answer) counts as
+    no answer (0).  A rotated or truncated log is followed from the new file's start.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.handle = None
+        self.inode = None
+        self.rest = b""
+        self.pending = []            # entries read that end after the window that read them
+        self.labels = set()
+
+    def count_since(self, since: float) -> int:
+        """How many requests in the log's last ACCESS_TAIL bytes ended at `since` or later."""
+        with open(self.path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - ACCESS_TAIL))
+            lines = handle.read(ACCESS_TAIL).split(b"\n")
+        return sum(1 for entry in map(self.parse, lines[1 if size > ACCESS_TAIL else 0:])
+                   if entry is not None and entry[0] >= since)
+
+    def open_at_end(self) -> None:
+        self.handle = open(self.path, "rb")
+        self.inode = os.fstat(self.handle.fileno()).st_ino
+        self.handle.seek(0, os.SEEK_END)
+
+    def entries(self) -> list:
+        """(end epoch, latency ms, status, label) of the entries left from the last read and of each
+        complete line appended since."""
+        out, self.pending = self.pending, []
+        with contextlib.suppress(OSError):
+            now = os.stat(self.path)
+            if now.st_ino != self.inode or now.st_size < self.handle.tell():
+                self.handle.close()
+                self.handle, self.inode, self.rest = open(self.path, "rb"), now.st_ino, b""
+        data = self.rest + self.handle.read()
+        lines = data.split(b"\n")
+        self.rest = lines.pop()
+        out.extend(entry for entry in map(self.parse, lines) if entry is not None)
+        return out
+
+    def parse(self, line: bytes):
+        found = ACCESS_LINE.match(line)
+        if found is None:
+            return None
+        done, seconds, code, method, path = found.groups()
+        label = printable(path.decode("utf-8", "replace"))[:200].replace(",", "%2C") or "/"
+        if method not in (b"GET", b"HEAD"):
+            label = f"{method.decode()} {label}"
+        if label not in self.labels:
+            if len(self.labels) >= ACCESS_LABELS:
+                label = "(other)"
+            self.labels.add(label)
+        code = int(code)
+        return float(done), float(seconds) * 1000, 0 if code == 499 else code, label
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
 
 
 def _csv_rows(path: str):
@@ -4024,7 +4533,7 @@ class Guard:
         if self.usual_for[0] != self.reference.total:
             self.usual_for = (self.reference.total, self.reference.usual_status())
         expected = self.usual_for[1].get(url)
-        if is_failure(code) or check or (expected is not None and code != expected):
+        if is_failure(code) or check or (expected is not None and answer_class(code) != expected):
             self.errors += 1
         else:
             bisect.insort(self.latencies, latency_ms)
@@ -4119,12 +4628,13 @@ def _history(home: Home):
         raise BadInput(f"{home.history}: cannot read the run history: {exc.strerror or exc}") from None
 
 
-def publish_dashboard(home: Home, history_runs: int = 200, running=None) -> None:
+def publish_dashboard(home: Home, history_runs: int = 200, running=None, recheck_days=None) -> None:
     """Publish var/history.json (the last runs), var/context.md and var/smart.prom, each atomically."""
     history = list(_history(home))
     write_json(os.path.join(home.var, "history.json"), {"runs": history[-history_runs:], "updated_at": utc_now()})
     write_atomic(os.path.join(home.var, "context.md"),
-                 format_status(collect_status(home, running=running, history=history), markdown=True))
+                 format_status(collect_status(home, running=running, history=history, recheck_days=recheck_days),
+                               markdown=True))
     write_atomic(os.path.join(home.var, "smart.prom"), prometheus_metrics(home, history))
 
 
@@ -4152,12 +4662,13 @@ def next_timer_run():
     return value if value and value != "n/a" else None
 
 
-def collect_status(home: Home, runs: int = 10, running=None, history=None) -> dict:
+def collect_status(home: Home, runs: int = 10, running=None, history=None, recheck_days=None) -> dict:
     """What is applied, the last verdicts, the next run and what needs attention, from var/ alone.
 
     `running` says whether a run holds the lock; by default the lock is asked (a run writing its
     own context.md at its end passes False: what it leaves behind is what counts).  `history`
-    spares a caller that has read var/history.jsonl already a second read.
+    spares a caller that has read var/history.jsonl already a second read.  `recheck_days`
+    (RECHECK_DAYS) dates each kept variant's next re-check.
     """
     attention = []
 
@@ -4174,9 +4685,7 @@ def collect_status(home: Home, runs: int = 10, running=None, history=None) -> di
     kept = sound(lambda: read_kept(home), {})
     journal = sound(lambda: read_journal(home), None)
     running = lock_holder(home.var) is not None if running is None else running
-    applied = {experiment: {"variant": entry.get("variant"), "since": entry.get("kept_at"),
-                            "run_id": entry.get("run_id"), "kept": True}
-               for experiment, entry in kept.items() if isinstance(entry, dict)}
+    applied = {experiment: kept_summary(entry, recheck_days) for experiment, entry in kept.items()}
     if isinstance(journal, dict):
         applied[journal.get("experiment")] = {"variant": journal.get("variant"), "since": journal.get("written_at"),
                                              "run_id": journal.get("run_id"), "kept": False}
@@ -4191,6 +4700,10 @@ def collect_status(home: Home, runs: int = 10, running=None, history=None) -> di
     if state and state.get("status") == "running" and not running:
         attention.append(f"run {state.get('run_id')} says running but holds no lock: it died; "
                          "run 'smart.py recover'")
+    for experiment, entry in last.items():
+        if isinstance(entry.get("anomaly"), dict):
+            attention.append(f"{experiment}: the last run's {entry['anomaly'].get('text')}: the box is not in its "
+                             "usual state, so that run kept nothing")
     if state and not running:
         ages = [a for a in (_age_minutes(state.get("updated_at")), _age_minutes(state.get("checked_at"))) if a is not None]
         if ages and min(ages) > STALE_MINUTES:
@@ -4200,12 +4713,29 @@ def collect_status(home: Home, runs: int = 10, running=None, history=None) -> di
         "running": running, "status": state.get("status") if state else None,
         "phase": state.get("phase") if state else None, "applied": applied,
         "last": {experiment: {key: entry.get(key) for key in ("run_id", "status", "kept_variant", "finished_at",
-                                                            "reason", "variants")}
+                                                            "reason", "variants", "anomaly", "recheck", "sweep",
+                                                            "source")}
                  for experiment, entry in last.items()},
         "next_run": next_timer_run(), "attention": attention,
         "runs": [{key: entry.get(key) for key in ("run_id", "experiment", "status", "kept_variant", "metrics")}
                  for entry in history[len(history) - runs:][::-1]] if runs > 0 else [],
     }
+
+
+def kept_summary(entry: dict, recheck_days=None) -> dict:
+    """A kept.json entry as status shows it: since when, its last confirmation, its re-checks and,
+    given RECHECK_DAYS, when the next one is due."""
+    confirmed = entry.get("confirmed_at")
+    since = confirmed or entry.get("kept_at")
+    due = None
+    if recheck_days and _epoch_or_none(since) is not None:
+        due = _iso_seconds(_epoch(since) + recheck_days * 86400)
+    age = _age_minutes(entry.get("kept_at"))
+    return {"variant": entry.get("variant"), "since": entry.get("kept_at"),
+            "run_id": entry.get("first_run_id") or entry.get("run_id"), "kept": True,
+            "age_days": None if age is None else round(age / 1440, 2), "confirmed_at": confirmed,
+            "rechecks": len(entry.get("rechecks") or []), "next_recheck": due,
+            "recheck_off": recheck_days is not None and recheck_days <= 0}
 
 
 def format_status(status: dict, markdown: bool = False) -> str:
@@ -4217,7 +4747,7 @@ def format_status(status: dict, markdown: bool = False) -> str:
              "" if markdown else f"checked {status['checked_at']}" + ("; a run is in progress" if status["running"] else ""),
              f"{sub}Applied now"]
     lines += [f"{item}{experiment}: {entry['variant']} "
-              + (f"(kept in run {entry['run_id']} at {entry['since']})" if entry["kept"] else "(under test, not kept)")
+              + (_kept_words(entry) if entry["kept"] else "(under test, not kept)")
               for experiment, entry in sorted(status["applied"].items(), key=lambda kv: str(kv[0]))] or [
         f"{item}every experiment is on its baseline"]
     lines.append(f"{sub}Last verdicts")
@@ -4229,6 +4759,7 @@ def format_status(status: dict, markdown: bool = False) -> str:
             figures = (f"p50 {metrics.get('base_p50_ms')} -> {metrics.get('var_p50_ms')} ms, "
                        f"errors {metrics.get('base_err_pct')}% -> {metrics.get('var_err_pct')}%; " if metrics else "")
             lines.append(f"{'  ' + item}{variant.get('name')}: {figures}{variant.get('reason')}")
+        lines += [f"{'  ' + item}{note}" for note in _run_notes(entry)]
     if not status["last"]:
         lines.append(f"{item}no run yet")
     if status.get("experiments") is not None:
@@ -4249,6 +4780,38 @@ def format_status(status: dict, markdown: bool = False) -> str:
                          f"{str(run['kept_variant'] or '-')[:17]:<18}{str(metrics.get('base_p50_ms', '-')):>10}"
                          f"{str(metrics.get('var_p50_ms', '-')):>10}")
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _kept_words(entry: dict) -> str:
+    """How a kept variant stands: since when, its last confirmation, its next re-check."""
+    age = f", {entry['age_days']:g} days ago" if entry.get("age_days") is not None else ""
+    confirmed = (f"last confirmed by a re-check at {entry['confirmed_at']}" if entry.get("confirmed_at")
+                 else "not re-checked yet")
+    count = entry.get("rechecks") or 0
+    next_one = ("; never re-checked (RECHECK_DAYS=0)" if entry.get("recheck_off") else
+                f"; next re-check after {entry['next_recheck']}" if entry.get("next_recheck") else "")
+    return (f"(kept in run {entry['run_id']} at {entry['since']}{age}; {confirmed}"
+            + (f", {count} re-check{'s' if count != 1 else ''}" if count else "") + f"{next_one})")
+
+
+def _run_notes(entry: dict) -> list:
+    """A run's re-check, sweep, anomaly and measurement source, as lines for status."""
+    notes = []
+    recheck = entry.get("recheck")
+    if isinstance(recheck, dict):
+        notes.append(f"re-check of {recheck.get('variant')} (kept {recheck.get('kept_at')}): "
+                     f"{recheck.get('outcome') or 'not finished'}")
+    sweep = entry.get("sweep")
+    if isinstance(sweep, dict):
+        notes.append(f"sweep {sweep.get('name')}: {sweep.get('tried')} of {len(sweep.get('values') or [])} values "
+                     f"tried, best {sweep.get('best') or 'none'}" + (f"; {sweep['stopped']}" if sweep.get("stopped") else ""))
+    anomaly = entry.get("anomaly")
+    if isinstance(anomaly, dict):
+        notes.append(f"ANOMALY: {anomaly.get('text')}; a run under an anomaly keeps nothing")
+    source = entry.get("source")
+    if isinstance(source, dict) and (source.get("name") == "access-log" or source.get("note")):
+        notes.append(f"measured with the {source.get('name')}" + (f" ({source['note']})" if source.get("note") else ""))
+    return notes
 
 
 def _label(value) -> str:
@@ -4301,6 +4864,20 @@ def prometheus_metrics(home: Home, history=None) -> str:
            "Unix time the kept variant was applied (time() minus this is how long it has been).",
            [({"experiment": e, "variant": entry.get("variant")}, _epoch_or_none(entry.get("kept_at")))
             for e, entry in kept.items() if isinstance(entry, dict) and _epoch_or_none(entry.get("kept_at"))])
+    metric("smart_kept_variant_confirmed_timestamp_seconds", "gauge",
+           "Unix time the kept variant last met the rules: its keep, or its last re-check that confirmed it.",
+           [({"experiment": e, "variant": entry.get("variant")},
+             _epoch_or_none(entry.get("confirmed_at") or entry.get("kept_at")))
+            for e, entry in kept.items() if _epoch_or_none(entry.get("confirmed_at") or entry.get("kept_at"))])
+    metric("smart_last_run_anomaly", "gauge", "1 when the experiment's last run had an anomalous baseline.",
+           [({"experiment": e}, 1 if isinstance(entry.get("anomaly"), dict) else 0) for e, entry in last.items()])
+    metric("smart_last_run_baseline_latency_seconds", "gauge", "The baseline p50 of the experiment's last run.",
+           [({"experiment": e}, entry["baseline_p50_ms"] / 1000) for e, entry in last.items()
+            if isinstance(entry.get("baseline_p50_ms"), (int, float))])
+    rechecks = collections.Counter((entry.get("recheck") or {}).get("outcome") for entry in history
+                                   if isinstance(entry.get("recheck"), dict))
+    metric("smart_rechecks_total", "counter", "Re-checks of kept variants, by outcome.",
+           [({"outcome": o}, rechecks.get(o, 0)) for o in RECHECK_OUTCOMES])
     runs = collections.Counter(entry.get("status") for entry in history)
     metric("smart_runs_total", "counter", "Finished runs by status.",
            [({"status": s}, runs.get(s, 0)) for s in statuses])
@@ -4340,8 +4917,29 @@ def _public_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def coach_prompt(state: dict) -> str:
-    """A short prompt for a local model, built from the run's figures."""
+TREND_RUNS = 10          # the coach sees this many of the experiment's last runs
+
+
+def trend_summary(home: Home, experiment_id) -> dict:
+    """The experiment's history in short, for the coach: its last TREND_RUNS runs (baseline p50,
+    anomaly, kept variant, re-check outcome), the usual baseline, and what is kept now."""
+    history = list(_history(home))
+    runs = [entry for entry in history if entry.get("experiment") == experiment_id][-TREND_RUNS:]
+    baselines = baselines_of(history, experiment_id)[-ANOMALY_WINDOW:]
+    kept = read_kept(home).get(experiment_id)
+    return {
+        "runs": [{"run_id": entry.get("run_id"), "finished_at": entry.get("finished_at"), "status": entry.get("status"),
+                  "baseline_p50_ms": entry.get("baseline_p50_ms"), "anomaly": isinstance(entry.get("anomaly"), dict),
+                  "kept_variant": entry.get("kept_variant"),
+                  "recheck": (entry.get("recheck") or {}).get("outcome") if isinstance(entry.get("recheck"), dict)
+                  else None} for entry in runs],
+        "usual_baseline_p50_ms": _round(statistics.median(baselines)) if baselines else None,
+        "kept": None if not kept else {key: kept.get(key) for key in ("variant", "kept_at", "confirmed_at", "rechecks")},
+    }
+
+
+def coach_prompt(state: dict, trend=None) -> str:
+    """A short prompt for a local model, built from the run's figures and the experiment's trend."""
     lines = [f"A web server tuning agent ran experiment {state.get('experiment')} "
              f"({state.get('description') or 'no description'}). Variants tried:"]
     for variant in state.get("variants", []):
@@ -4350,13 +4948,26 @@ def coach_prompt(state: dict) -> str:
                      f"{metrics.get('var_p50_ms')} ms; improvement {metrics.get('improve_pct')}% "
                      f"(interval {metrics.get('improve_ci')}); reason: {variant.get('reason')}")
     lines.append(f"Defined variants: {', '.join(state.get('defined_variants') or [])}.")
+    if isinstance(state.get("anomaly"), dict):
+        lines.append(f"This run's {state['anomaly'].get('text')}, so it kept nothing.")
+    if trend:
+        lines.append("Baseline p50 (ms) of the last runs, oldest first: "
+                     + ", ".join(f"{run['baseline_p50_ms']}" + (" (anomaly)" if run["anomaly"] else "")
+                                 for run in trend["runs"] if run["baseline_p50_ms"] is not None) + ".")
+        kept = trend.get("kept")
+        if kept:
+            lines.append(f"Kept now: {kept['variant']} since {kept['kept_at']}, last confirmed "
+                         f"{kept.get('confirmed_at') or 'never'}, re-checks: "
+                         + (", ".join(f"{r.get('outcome')} {r.get('at')}" for r in kept.get("rechecks") or []) or "none")
+                         + ".")
     lines.append('Reply with one JSON object only: {"advice": "<one or two sentences>", '
                  '"next_variant": "<a defined variant or null>", "confidence": <0..1>}.')
     return "\n".join(lines)
 
 
-def phone_home(state: dict, settings: dict, clock=time.monotonic, sleep=time.sleep) -> dict:
-    """POST the run's state to the coach and return its advice, validated; CoachError when there is none.
+def phone_home(state: dict, settings: dict, clock=time.monotonic, sleep=time.sleep, trend=None) -> dict:
+    """POST the run's state (and the experiment's trend_summary) to the coach and return its advice,
+    validated; CoachError when there is none.
 
     Retries connection errors and 5xx (never 4xx) with backoff, all within COMMAND_TIMEOUT_SECONDS.
     An Ollama-style URL (/api/generate, /api/chat) gets a prompt and its model's reply is parsed.
@@ -4371,13 +4982,13 @@ def phone_home(state: dict, settings: dict, clock=time.monotonic, sleep=time.sle
     path = urllib.parse.urlsplit(url).path.rstrip("/")
     ollama = path.endswith(OLLAMA_PATHS)
     if ollama:
-        prompt = coach_prompt(state)
+        prompt = coach_prompt(state, trend)
         model = settings.get("PHONE_HOME_MODEL") or "llama3.2"
         body = ({"model": model, "prompt": prompt, "stream": False, "format": "json"} if path.endswith("generate")
                 else {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
                       "format": "json"})
     else:
-        body = {"run_id": state.get("run_id"), "state": state, "server_id": socket.gethostname()}
+        body = {"run_id": state.get("run_id"), "state": state, "server_id": socket.gethostname(), "trend": trend}
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "Accept": "application/json"}
     if settings["PHONE_HOME_TOKEN"]:
         headers["Authorization"] = f"Bearer {settings['PHONE_HOME_TOKEN']}"
@@ -4477,10 +5088,12 @@ def parse_coach_reply(raw: bytes, state: dict, public: str, ollama: bool) -> dic
 
 
 def wants_coach(state: dict, settings: dict) -> bool:
-    """PHONE_HOME=always, or borderline with a borderline verdict in the run; never without a URL."""
+    """PHONE_HOME=always, or borderline with a borderline verdict or an anomaly in the run; never
+    without a URL."""
     if not settings["PHONE_HOME_URL"] or settings["PHONE_HOME"] == "never":
         return False
-    return settings["PHONE_HOME"] == "always" or any(v.get("borderline") for v in state.get("variants", []))
+    return (settings["PHONE_HOME"] == "always" or isinstance(state.get("anomaly"), dict)
+            or any(v.get("borderline") for v in state.get("variants", [])))
 
 
 ###### Serve: the dashboard over HTTP ######
@@ -5297,6 +5910,13 @@ def cmd_run(args, settings) -> int:
     return runner.run(experiments) if args.experiments else runner.run_rotation(experiments)
 
 
+def cmd_recheck(args, settings) -> int:
+    """recheck [EXPERIMENT ...]: re-check kept variants now, whatever RECHECK_DAYS says."""
+    home = Home(args.home)
+    experiments = find_experiments(home.root, args.experiments, settings)
+    return Runner(home, settings, stop=args.stop).run_rechecks(experiments, named=bool(args.experiments))
+
+
 def configured(experiment: Experiment, settings: dict) -> dict:
     """What the experiment's helper says is in effect now for the names it sets (`HELPER get`), or {}
     when it has no helper or the helper cannot tell."""
@@ -5430,7 +6050,7 @@ def cmd_phone_home(args, settings) -> int:
     if not isinstance(state, dict) or not state.get("run_id"):
         which = f"run {args.run_id}" if args.run_id else "run"
         raise BadInput(f"no {which} to send: neither {home.state} nor {home.history} has it")
-    advice = phone_home(state, settings)
+    advice = phone_home(state, settings, trend=trend_summary(home, state.get("experiment")))
     print(f"coach {advice['coach']}: {advice['advice']}")
     if advice["next_variant"] or advice["confidence"] is not None:
         print(f"next_variant {advice['next_variant']}; confidence {advice['confidence']}")
@@ -5443,7 +6063,7 @@ def cmd_phone_home(args, settings) -> int:
 
 def cmd_status(args, settings) -> int:
     """status [--json]: what is applied, last verdicts, next run, attention; exit 1 when something needs it."""
-    status = collect_status(Home(args.home), args.runs)
+    status = collect_status(Home(args.home), args.runs, recheck_days=settings["RECHECK_DAYS"])
     try:
         status["experiments"] = {e.id: lacks(e) for e in find_experiments(args.home, [], settings)}
     except BadInput as exc:
@@ -5532,6 +6152,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", cmd_run, "run experiments (every folder in experiments/ by default)")
     run.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help="folder path or id")
     run.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    recheck = command("recheck", cmd_recheck, "re-check kept variants against the baseline now (the timer does it "
+                                              "every RECHECK_DAYS)")
+    recheck.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
+                         help="folder path or id (default: every experiment with a kept variant)")
     measure = command("measure", cmd_measure, "probe a URL and write a measurement CSV")
     measure.add_argument("--url", action="append", required=True, metavar="URL[@WEIGHT]",
                          help="the URL to probe; repeat it for a page mix, visited in smooth weighted "
@@ -5593,7 +6217,7 @@ def resolve_home(args, environ=None) -> str:
     return os.path.abspath(home)
 
 
-STOPPABLE = {"run", "apply", "revert", "recover", "measure"}    # commands that stop cleanly on SIGTERM/SIGINT
+STOPPABLE = {"run", "recheck", "apply", "revert", "recover", "measure"}    # commands that stop cleanly on SIGTERM/SIGINT
 
 
 def _default_signals() -> None:

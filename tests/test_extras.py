@@ -565,6 +565,7 @@ class JournalTest(HomeCase):
         self.assertTrue(any("slow_backend: revert:" in line for line in levels[6]), levels[6])
 
     def test_status_warning_and_a_bad_command_error(self):
+        self.lab.experiment(["slow_backend"])
         code, lines = self.run_to_file("status")
         self.assertEqual(code, 0, lines)
         warnings = [line for line in lines if "NO_SUCH_SETTING" in line]
