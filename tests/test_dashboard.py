@@ -83,13 +83,14 @@ def crafted_history(now: datetime, runs: int = 20) -> dict:
 
 
 class Dom(html.parser.HTMLParser):
-    """A serialized DOM: its tags, the visible text, and the text inside each element that has an id."""
+    """A serialized DOM: its tags, the visible text, the text inside each element that has an id, and
+    every element with its attributes, text and parent (`elements`, in document order)."""
 
     VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
     def __init__(self, markup: str):
         super().__init__(convert_charrefs=True)
-        self.tags, self.text, self.by_id, self.open = [], [], {}, []
+        self.tags, self.text, self.by_id, self.open, self.elements = [], [], {}, [], []
         self.feed(markup)
         self.close()
         self.visible = " ".join(" ".join(self.text).split())
@@ -99,28 +100,47 @@ class Dom(html.parser.HTMLParser):
         self.tags.append((tag, attrs))
         if tag in self.VOID:
             return
-        quiet = tag in ("script", "style", "title") or "hidden" in attrs
-        self.open.append((tag, attrs.get("id"), quiet))
+        parent = self.open[-1] if self.open else None
+        node = {"tag": tag, "attrs": attrs, "classes": (attrs.get("class") or "").split(), "parts": [],
+                "parent": parent, "quiet": tag in ("script", "style", "title") or "hidden" in attrs,
+                "inside": (parent["inside"] | {parent["attrs"].get("id")}) if parent else set()}
+        self.elements.append(node)
+        self.open.append(node)
         if attrs.get("id"):
             self.by_id.setdefault(attrs["id"], [])
 
     def handle_endtag(self, tag):
         while self.open:
-            if self.open.pop()[0] == tag:
+            if self.open.pop()["tag"] == tag:
                 break
 
     def handle_data(self, data):
-        if not any(quiet for _, _, quiet in self.open):
+        if not any(node["quiet"] for node in self.open):
             self.text.append(data)
-        for _, element_id, _ in self.open:
-            if element_id:
-                self.by_id[element_id].append(data)
+        for node in self.open:
+            node["parts"].append(data)
+            if node["attrs"].get("id"):
+                self.by_id[node["attrs"]["id"]].append(data)
 
     def text_of(self, element_id: str) -> str:
         return " ".join("".join(self.by_id.get(element_id, [])).split())
 
     def attrs_of(self, element_id: str) -> dict:
         return next((attrs for _, attrs in self.tags if attrs.get("id") == element_id), {})
+
+    @staticmethod
+    def text_in(node) -> str:
+        return " ".join("".join(node["parts"]).split())
+
+    def find(self, tag: str | None = None, cls: str | None = None, within: str | None = None) -> list:
+        """The elements of that tag and class (inside the element with id `within`)."""
+        return [node for node in self.elements if (tag is None or node["tag"] == tag)
+                and (cls is None or cls in node["classes"]) and (within is None or within in node["inside"])]
+
+    def rows(self, within: str) -> list:
+        """The rows of the tables inside `within`, each the list of its cells' (classes, text)."""
+        return [[(cell["classes"], self.text_in(cell)) for cell in self.elements
+                 if cell["parent"] is row and cell["tag"] in ("td", "th")] for row in self.find("tr", within=within)]
 
 
 class HomeServer:
@@ -253,6 +273,22 @@ class BrowserTests(unittest.TestCase):
         marks = [tag for tag, _ in dom.tags if tag in ("circle", "polygon")]
         self.assertEqual(len(marks), 20)
         self.assertEqual(marks.count("polygon"), sum(1 for r in history if r["kept_variant"]))
+
+    def test_p_values_keep_their_digits(self):
+        # p = 0.999 once read "p = 1": three significant digits, never rounded to 0 or 1
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now)
+        for entry, p_value in zip(state["variants"], (0.999, 0.0123, 3.0e-18)):
+            entry["metrics"]["p_value"] = p_value
+        state["variants"].insert(0, variant("ofc_100", "revert", 17.834, 17.8, 0.2, [-1.0, 1.4], 0.99996,
+                                            "revert: p50 improved only 0.2% (needs a 10% improvement)"))
+        state["variants"].insert(0, variant("ofc_10", "revert", 17.834, 17.9, -0.4, [-1.6, 0.8], 0.5,
+                                            "revert: p50 got 0.4% slower (needs a 10% improvement)"))
+        _, dom = self.render(state=state)
+        pvalues = {row[0][1]: row[4][1] for row in dom.rows("variants-body")[1:]}
+        self.assertEqual(pvalues, {"ofc_10": "0.5", "ofc_100": "> 0.9999", "ofc_1000": "0.999", "ofc_10000": "0.0123",
+                                   "ofc_10000_valid_120s": "< 0.0001"})
+        self.assertIn("p < 0.0001", dom.text_of("run-body"))
 
     def test_hostile_strings_stay_text(self):
         now = datetime.now(timezone.utc)
