@@ -256,8 +256,9 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("kept ofc_10000_valid_120s", run)
         self.assertIn("17.8 ms", run)                      # baseline p50
         self.assertIn("14.9 ms", run)                      # kept variant's p50
-        self.assertIn("+16.4%", run)                       # improvement ...
-        self.assertIn("12.2 … 20.4%", run)                 # ... with its interval
+        self.assertIn("p50 −16.4% (faster)", run)          # the p50 change ...
+        self.assertIn("−20.4 … −12.2%", run)               # ... with its interval
+        self.assertIn("−0.33 pts", run)                    # the error rate's change
         self.assertIn("borderline", dom.text_of("variants-body"))
         for name in ("ofc_1000", "ofc_10000", "ofc_10000_valid_120s"):
             self.assertIn(name, dom.text_of("variants-body"))
@@ -289,6 +290,37 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(pvalues, {"ofc_10": "0.5", "ofc_100": "> 0.9999", "ofc_1000": "0.999", "ofc_10000": "0.0123",
                                    "ofc_10000_valid_120s": "< 0.0001"})
         self.assertIn("p < 0.0001", dom.text_of("run-body"))
+
+    def test_one_p50_change_with_one_sign_and_colour(self):
+        # A switchback verdict's p50 estimate (within block pairs) said 0.5% faster while the two pooled
+        # p50s differ by +0.6%: the page once showed "+0.6%" in red beside "+0.5%" in green.
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, kept_variant=None, design="switchback")
+        state["variants"] = [variant("gzip_6", "revert", 17.834, 17.94, 0.5, [-1.2, 2.1], 0.21,
+                                     "revert: p50 improved only 0.5% (needs a 10% improvement)")]
+        state["variants"][0]["verdict"]["blocks"] = [{"block": 1, "base_p50_ms": 17.9, "var_p50_ms": 17.8,
+                                                      "variant_first": True}]
+        _, dom = self.render(state=state)
+        p50_row = dom.rows("run-body")[1]
+        self.assertEqual(p50_row[0][1], "p50")
+        shown = [(node["classes"], dom.text_in(node)) for node in dom.elements
+                 if dom.text_in(node) in ("−0.5% (faster)", "+0.5% (slower)", "+0.6% (slower)", "+0.5%", "+0.6%")
+                 and node["tag"] == "span"]
+        self.assertEqual(shown, [(["good"], "−0.5% (faster)")] * 3)   # run card table, its summary, the variants table
+        self.assertNotIn("+0.6", dom.visible)
+        self.assertNotIn("+0.5", dom.visible)
+        self.assertIn("− is faster, + is slower", dom.text_of("run-body"))
+        self.assertIn("− is faster, + is slower", dom.text_of("variants-body"))
+        self.assertIn("within block pairs", dom.text_of("run-body"))
+        self.assertEqual(dom.rows("variants-body")[1][3][1], "−2.1 … +1.2%")
+        # a slower variant: + and red, everywhere
+        state["variants"][0]["metrics"].update(improve_pct=-12.34, improve_ci=[-15.0, -9.5], var_p50_ms=20.03)
+        _, dom = self.render(state=state)
+        shown = [(node["classes"], dom.text_in(node)) for node in dom.elements
+                 if node["tag"] == "span" and dom.text_in(node).endswith("(slower)")]
+        self.assertEqual(shown[0], (["bad"], "+12.3% (slower)"))
+        self.assertEqual(shown.count((["bad"], "+12.3% (slower)")), 3)
+        self.assertNotIn("within block pairs", dom.text_of("run-body"))     # both figures agree: no note
 
     def test_hostile_strings_stay_text(self):
         now = datetime.now(timezone.utc)
