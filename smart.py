@@ -4202,7 +4202,7 @@ _TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json", ".cs
 # the pages, so an edit of a page's script or style fails the tests until they are updated here
 # and there.
 DASHBOARD_CSP = ("default-src 'self'; "
-                 "script-src 'sha256-m4C/wmRKA+iA38nnAtCpYOGRlExFGU14dSw0xpczKho=' "
+                 "script-src 'sha256-FuQ2FOhaiXMZQJzHr4tfgpk9YbHkUrLjS0nSmZkDCZA=' "
                  "'sha256-BIi1noX0qTzATcT1BMBFMW8Lq0epEKg4tfTmDV+d26w='; "
                  "style-src 'sha256-ZlmUFv9k1RDpGw/yfDpMB3cCv9GSW3ryhi0FNq503CM=' "
                  "'sha256-AzcrXKDVk8tOr3BNkSd8Zaiexuz4KTnurjhzR1qppbA=' "

@@ -275,6 +275,34 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(len(marks), 20)
         self.assertEqual(marks.count("polygon"), sum(1 for r in history if r["kept_variant"]))
 
+    def test_a_state_in_the_original_designs_shape_shows_all_its_figures(self):
+        # docs/SPEC.md "var/state.json": the seed's fields, metrics only at the top; once only the baseline p50 showed
+        now = datetime.now(timezone.utc)
+        seed = {"run_id": "20250121T143022", "experiment": "001_nginx_workers", "kept_variant": "workers_auto",
+                "metrics": {"base_p50_ms": 45.2, "var_p50_ms": 38.1, "base_err_pct": 0.0, "var_err_pct": 0.0},
+                "updated_at": iso(now)}
+        _, dom = self.render(state=seed)
+        rows = [[text for _, text in row] for row in dom.rows("run-body")]
+        self.assertEqual(rows, [["", "baseline", "workers_auto", "change"],
+                                ["p50", "45.2 ms", "38.1 ms", "−15.7% (faster)"],
+                                ["errors", "0.00%", "0.00%", "0.00 pts"]])
+        self.assertIn("kept workers_auto", dom.text_of("run-body"))
+        self.assertIn("p50 −15.7% (faster)", dom.text_of("run-body"))
+        # with a variants list whose entries carry no metrics: the kept one's row shows the run's figures
+        seed.update(metrics={"base_p50_ms": 45.2, "var_p50_ms": 47.9, "base_err_pct": 0.5, "var_err_pct": 1.75},
+                    kept_variant="workers_2",
+                    variants=[{"name": "workers_auto", "decision": "revert", "reason": "revert: slower"},
+                              {"name": "workers_2", "decision": "keep", "reason": "keep: by the seed's rules"}])
+        _, dom = self.render(state=seed)
+        rows = [[text for _, text in row] for row in dom.rows("run-body")]
+        self.assertEqual(rows[1:], [["p50", "45.2 ms", "47.9 ms", "+6.0% (slower)"],
+                                    ["errors", "0.50%", "1.75%", "+1.25 pts"]])
+        self.assertEqual(dom.rows("run-body")[2][3][0], ["num", "bad"])
+        self.assertIn("keep: by the seed's rules", dom.text_of("run-body"))
+        variants = {row[0][1]: [text for _, text in row] for row in dom.rows("variants-body")[1:]}
+        self.assertEqual(variants["workers_2"][2:7], ["+6.0% (slower)", "–", "–", "45.2 ms → 47.9 ms", "0.50% → 1.75%"])
+        self.assertEqual(variants["workers_auto"][2:7], ["–", "–", "–", "– → –", "– → –"])
+
     def test_p_values_keep_their_digits(self):
         # p = 0.999 once read "p = 1": three significant digits, never rounded to 0 or 1
         now = datetime.now(timezone.utc)
