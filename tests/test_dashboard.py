@@ -420,10 +420,19 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("Leave open_file_cache as it is.", coach)
         self.assertIn("workers_auto", coach)
         self.assertIn("85%", coach)
-        blocks = [attrs for tag, attrs in dom.tags if "block" in (attrs.get("class") or "").split()]
-        self.assertEqual([b["class"] for b in blocks], ["block baseline", "block variant"] * 3)
-        self.assertIn("22.5", dom.text_of("variants-body"))
+        chips = [node for node in dom.find(cls="block") if "blocks" in node["parent"]["classes"]]
+        self.assertEqual([" ".join(chip["classes"]) for chip in chips], ["block baseline", "block variant"] * 3)
+        self.assertEqual([dom.text_in(chip) for chip in chips], ["17.5", "18.5", "19.5", "20.5", "21.5", "22.5"])
+        # the legend says which colour is which arm and what the number is
+        legend = dom.find(within="blocks-legend")
+        self.assertEqual([(" ".join(n["classes"]), dom.text_in(n)) for n in legend if "block" in n["classes"]],
+                         [("block baseline", "p50"), ("block variant", "p50")])
+        self.assertIn("p50 a baseline block", dom.text_of("blocks-legend"))
+        self.assertIn("p50 a variant block", dom.text_of("blocks-legend"))
+        self.assertIn("the number is the block's p50 in ms", dom.text_of("blocks-legend"))
         self.assertIn("stopped early: the error rate passed 5% in block 3", dom.text_of("run-body"))
+        _, dom = self.render(state=crafted_state(now))            # no strip: no legend for one
+        self.assertEqual(dom.attrs_of("blocks-legend"), {})
 
     def test_odd_shapes_do_not_blank_the_page(self):
         now = datetime.now(timezone.utc)
