@@ -4202,9 +4202,9 @@ _TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json", ".cs
 # the pages, so an edit of a page's script or style fails the tests until they are updated here
 # and there.
 DASHBOARD_CSP = ("default-src 'self'; "
-                 "script-src 'sha256-AAVxnOdhjGweJkUAjShVZp7Bn9q8tG6Tf06QqYrURCM=' "
+                 "script-src 'sha256-zgocyctZzI888Y5LFWP1MbVayIimoVak9KJidz8xWUc=' "
                  "'sha256-BIi1noX0qTzATcT1BMBFMW8Lq0epEKg4tfTmDV+d26w='; "
-                 "style-src 'sha256-6XfRcQ6YIOs33tWFXKRDJ7jrXBS3SGq7H5EjLVKaCyk=' "
+                 "style-src 'sha256-gkAuUuZtIBM9i0qpE8PHvJhTvBQ43FrFoYIe9LFKmuc=' "
                  "'sha256-AzcrXKDVk8tOr3BNkSd8Zaiexuz4KTnurjhzR1qppbA=' "
                  "'unsafe-hashes' 'sha256-CXrmR8Ivp3FsNY5Y7pV5kS6fG/nVl1Yt0Ba6GlryI6M='; "
                  "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

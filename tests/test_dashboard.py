@@ -45,6 +45,26 @@ def variant(name, decision, base_p50, var_p50, improve, ci, p_value, reason, bor
             "verdict": {"decision": decision, "reason": reason, "borderline": borderline, "confidence": 0.99}}
 
 
+def applied_state(now: datetime, harm: str | None = None) -> dict:
+    """state.json after `smart.py apply 001_nginx_workers workers_2`: kept when the check found no harm."""
+    reason = (f"revert: applied on request, but {harm}" if harm else
+              "keep: applied on request; no harm against the baseline (p50 20.948 -> 20.917 ms, errors +0.00 points)")
+    entry = variant("workers_2", "revert" if harm else "keep", 20.948, 20.917, 0.148, [-0.198, 0.493], 0.055301, reason)
+    entry["metrics"].update(base_n=120, var_n=120, base_errors=0, var_errors=0, base_err_pct=0.0, var_err_pct=0.0,
+                            base_p99_ms=28.462, var_p99_ms=23.272, err_delta_pct=0.0, p99_regress_pct=-18.235)
+    entry["verdict"].update(
+        decision="revert", failed_rules=["improvement", "significance"], err_delta_pct=0.0, err_rise_bound_pct=None,
+        tails=[{"percentile": 99, "regress_pct": -18.235, "bound_ms": 41.035, "above": 0, "p": 1.0,
+                "test": "binomial against 1%"}],
+        outliers={"bound_ms": 227.696, "baseline": 0, "variant": 0, "beyond_slowest": 0, "beyond_p": 1.0},
+        blocks=[], thresholds={"improve_pct": 10.0, "max_err_delta_pct": 1.0, "confidence": 0.99, "min_samples": 30,
+                               "max_tail_regress_pct": 25.0})
+    return crafted_state(now, experiment="001_nginx_workers", description="nginx worker processes",
+                         design="apply", kept_variant=None if harm else "workers_2", variants=[entry],
+                         metrics={key: entry["metrics"][key] for key in
+                                  ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")})
+
+
 def crafted_state(now: datetime, **changes) -> dict:
     """A finished run of three variants, the last one kept, updated a minute ago."""
     state = {
@@ -303,6 +323,48 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(variants["workers_2"][2:7], ["+6.0% (slower)", "–", "–", "45.2 ms → 47.9 ms", "0.50% → 1.75%"])
         self.assertEqual(variants["workers_auto"][2:7], ["–", "–", "–", "– → –", "– → –"])
 
+    def test_a_variant_applied_on_request_is_no_measured_gain(self):
+        # after `smart.py apply`, a big green "kept workers_2" read like a measured win
+        now = datetime.now(timezone.utc)
+        history = crafted_history(now)
+        history["runs"][-1].update(design="apply", kept_variant="workers_2")
+        _, dom = self.render(state=applied_state(now), history=history)
+        run = dom.text_of("run-body")
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                         [(["big"], "applied workers_2 on request")])
+        self.assertNotIn("kept workers_2", dom.visible)
+        self.assertIn("Applied on request (smart.py apply) and verified against a fresh baseline: no harm found.", run)
+        self.assertIn("This is no measured gain", run)
+        # the verification's figures: both arms, and each check for harm
+        self.assertEqual([text for _, text in dom.rows("run-body")[1]], ["p50", "20.9 ms", "20.9 ms", "−0.1% (faster)"])
+        self.assertEqual([text for _, text in dom.rows("run-body")[-1]], ["requests", "120", "120", ""])
+        checks = dict(zip([dom.text_in(n) for n in dom.find("dt", within="run-body")],
+                          [dom.text_in(n) for n in dom.find("dd", within="run-body")]))
+        self.assertEqual(checks["p50"], "−0.1% (faster); harm from 10% slower, if significant")
+        self.assertEqual(checks["errors"], "no failed request in the variant")
+        self.assertEqual(checks["p99"], "−18.2% (faster); 0 of 120 variant requests slower than 41.0 ms "
+                                        "(binomial against 1%, p > 0.9999)")
+        self.assertIn("slower than 228 ms: 0 variant, 0 baseline requests", checks["outliers"])
+        self.assertEqual(dom.rows("variants-body")[1][1][1], "applied: no harm found")
+        self.assertEqual([n["classes"] for n in dom.find("span", within="variants-body")
+                          if dom.text_in(n) == "applied: no harm found"], [[]])
+        # history: an applied run is neutral, not a kept one's green diamond
+        recent = dom.find("li", within="history-body")[0]
+        self.assertIn("applied workers_2 on request", dom.text_in(recent))
+        self.assertEqual([n["classes"] for n in dom.find("span", within="history-body")
+                          if dom.text_in(n) == "applied workers_2 on request"], [["applied"]])
+        fills = [n["attrs"].get("fill") for n in dom.find("polygon")]
+        self.assertEqual(fills[-1], "var(--card)")
+        self.assertEqual(set(fills[:-1]), {"var(--good)"})
+        self.assertIn("variant applied on request", dom.text_of("history-body"))
+        # an apply whose check found harm: reverted, in red, with the reason
+        _, dom = self.render(state=applied_state(now, harm="p99 regressed 89.2%"))
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                         [(["big", "bad"], "reverted workers_2")])
+        self.assertIn("revert: applied on request, but p99 regressed 89.2%", dom.text_of("run-body"))
+        self.assertEqual([n["classes"] for n in dom.find("span", within="variants-body")
+                          if dom.text_in(n) == "reverted: harm or failure"], [["bad"]])
+
     def test_p_values_keep_their_digits(self):
         # p = 0.999 once read "p = 1": three significant digits, never rounded to 0 or 1
         now = datetime.now(timezone.utc)
@@ -311,11 +373,13 @@ class BrowserTests(unittest.TestCase):
             entry["metrics"]["p_value"] = p_value
         state["variants"].insert(0, variant("ofc_100", "revert", 17.834, 17.8, 0.2, [-1.0, 1.4], 0.99996,
                                             "revert: p50 improved only 0.2% (needs a 10% improvement)"))
+        state["variants"].insert(0, variant("ofc_1", "revert", 17.834, 17.9, -0.4, [-1.6, 0.8], 1.0,
+                                            "revert: p50 got 0.4% slower (needs a 10% improvement)"))
         state["variants"].insert(0, variant("ofc_10", "revert", 17.834, 17.9, -0.4, [-1.6, 0.8], 0.5,
                                             "revert: p50 got 0.4% slower (needs a 10% improvement)"))
         _, dom = self.render(state=state)
         pvalues = {row[0][1]: row[4][1] for row in dom.rows("variants-body")[1:]}
-        self.assertEqual(pvalues, {"ofc_10": "0.5", "ofc_100": "> 0.9999", "ofc_1000": "0.999", "ofc_10000": "0.0123",
+        self.assertEqual(pvalues, {"ofc_1": "> 0.9999", "ofc_10": "0.5", "ofc_100": "> 0.9999", "ofc_1000": "0.999", "ofc_10000": "0.0123",
                                    "ofc_10000_valid_120s": "< 0.0001"})
         self.assertIn("p < 0.0001", dom.text_of("run-body"))
 
