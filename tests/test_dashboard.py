@@ -6,16 +6,19 @@ tests use plain HTTP.  Each test gets its own temporary home and a server on a f
 
 from __future__ import annotations
 
+import fcntl
 import html.parser
 import http.client
 import json
 import os
+import select
 import sys
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 import unittest
 from datetime import datetime, timedelta, timezone
 
@@ -43,6 +46,24 @@ def variant(name, decision, base_p50, var_p50, improve, ci, p_value, reason, bor
                "err_delta_pct": round(var_errors / 3 - 0.333, 3), "p99_regress_pct": -31.4}
     return {"name": name, "decision": decision, "reason": reason, "borderline": borderline, "metrics": metrics,
             "verdict": {"decision": decision, "reason": reason, "borderline": borderline, "confidence": 0.99}}
+
+
+def reverted_for_errors_and_tail() -> dict:
+    """A variant entry whose verdict failed rules 4 and 5, with the figures behind them."""
+    entry = variant("gzip_9", "revert", 17.834, 15.1, 15.3, [11.0, 19.2], 2e-9,
+                    "revert: error rate rose 3.33 points, and the rise could be 5.12 (80% bound; at most 1 allowed); "
+                    "p99 regressed 41.2% (at most 25% allowed; 9 of 300 requests slower than 76.2 ms, binomial "
+                    "against 1% p=0.0009)", var_errors=11)
+    entry["verdict"].update(
+        failed_rules=["errors", "tail"], err_delta_pct=3.3337, err_rise_bound_pct=5.1204,
+        tails=[{"percentile": 99, "regress_pct": 41.2, "bound_ms": 76.2, "above": 9, "p": 0.0009,
+                "test": "binomial against 1%"},
+               {"percentile": 97.5, "regress_pct": 30.4, "bound_ms": 40.1, "above": 12, "p": 0.0123,
+                "test": "Kolmogorov-Smirnov"}],
+        outliers={"bound_ms": 488.0, "baseline": 0, "variant": 3, "beyond_slowest": 4, "beyond_p": 0.0061},
+        thresholds={"improve_pct": 10.0, "max_err_delta_pct": 1.0, "confidence": 0.99, "min_samples": 30,
+                    "max_tail_regress_pct": 25.0})
+    return entry
 
 
 def applied_state(now: datetime, harm: str | None = None) -> dict:
@@ -196,6 +217,90 @@ class HomeServer:
             return response.status, response.headers, response.read()
         finally:
             conn.close()
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe, for what --dump-dom cannot tell: the
+    layout at a given viewport width.  With --remote-debugging-pipe Chromium reads commands on its fd 3
+    and writes answers and events on its fd 4, each one JSON message ended by a NUL byte."""
+
+    def __init__(self, test: unittest.TestCase):
+        self.test, self.next_id, self.buffer, self.console = test, 0, b"", []
+        child_reads, self.send_end = os.pipe()
+        self.receive_end, child_writes = os.pipe()
+        # the child's ends above 4, so that putting them on 3 and 4 cannot clobber one of them
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) for fd in (child_reads, child_writes)]
+        for fd in (child_reads, child_writes):
+            os.close(fd)
+        profile = tempfile.mkdtemp(prefix="smart-chromium-")
+        test.addCleanup(shutil.rmtree, profile, True)
+        wire = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); os.execv(sys.argv[3], sys.argv[3:])"
+        command = [sys.executable, "-c", wire, str(high[0]), str(high[1]), CHROMIUM, "--headless",
+                   "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"]
+        self.browser = subprocess.Popen(command, pass_fds=high, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        for fd in high:
+            os.close(fd)
+        test.addCleanup(self.close)
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Runtime.enable", session=self.session)
+        self.call("Log.enable", session=self.session)
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        """Send one command and return its result; events that arrive meanwhile are kept in `console`."""
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self.send_end, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + BROWSER_TIMEOUT
+        while True:
+            while b"\0" not in self.buffer:
+                ready, _, _ = select.select([self.receive_end], [], [], max(0.0, deadline - time.monotonic()))
+                chunk = os.read(self.receive_end, 1 << 16) if ready else b""
+                if not chunk:
+                    self.test.fail(f"chromium gave no answer to {method}")
+                self.buffer += chunk
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self.next_id:
+                self.test.assertNotIn("error", answer, method)
+                return answer["result"]
+            if answer.get("method") in ("Runtime.exceptionThrown", "Log.entryAdded"):
+                self.console.append(json.dumps(answer["params"]))
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", session=self.session, expression=expression, returnByValue=True)
+        self.test.assertNotIn("exceptionDetails", result, expression)
+        return result["result"].get("value")
+
+    def open(self, url: str, width: int, height: int = 844, ready: str = "true"):
+        """Load url in a viewport `width` CSS pixels wide (a phone's, for a small width) and wait until the
+        expression `ready` holds."""
+        self.call("Emulation.setDeviceMetricsOverride", session=self.session, width=width, height=height,
+                  deviceScaleFactor=1, mobile=width < 600)
+        self.call("Emulation.setScrollbarsHidden", session=self.session, hidden=True)
+        self.call("Page.navigate", session=self.session, url=url)
+        deadline = time.monotonic() + BROWSER_TIMEOUT
+        while not self.evaluate(f"document.readyState === 'complete' && ({ready})"):
+            if time.monotonic() > deadline:
+                self.test.fail(f"the page at {url} was not ready ({ready}) within {BROWSER_TIMEOUT} s")
+            time.sleep(0.05)
+        problems = [line for line in self.console if "Content Security Policy" in line or "exceptionDetails" in line]
+        self.test.assertEqual(problems, [], "the page threw or its Content-Security-Policy blocked something")
+
+    def close(self):
+        if self.browser.poll() is None:
+            try:
+                os.killpg(self.browser.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.browser.wait()
+        for fd in (self.send_end, self.receive_end):
+            os.close(fd)
 
 
 class PageSourceTests(unittest.TestCase):
@@ -365,6 +470,23 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual([n["classes"] for n in dom.find("span", within="variants-body")
                           if dom.text_in(n) == "reverted: harm or failure"], [["bad"]])
 
+    def test_the_checks_for_harm_of_a_variant_reverted_for_errors_and_tail(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, kept_variant=None, variants=[reverted_for_errors_and_tail()])
+        _, dom = self.render(state=state)
+        checks = {dom.text_in(dt): dd for dt, dd in zip(dom.find("dt", within="run-body"), dom.find("dd", within="run-body"))}
+        self.assertEqual(list(checks), ["errors", "p99", "p97.5", "outliers"])
+        self.assertEqual(dom.text_in(checks["errors"]), "+3.33 pts; the rise could be up to 5.12 pts (at most 1 allowed)")
+        self.assertEqual([n["classes"] for n in dom.find("span", within="run-body")
+                          if dom.text_in(n).startswith("+3.33 pts; the rise")], [["bad"]])
+        self.assertEqual(dom.text_in(checks["p99"]), "+41.2% (slower); 9 of 300 variant requests slower than 76.2 ms "
+                                                     "(binomial against 1%, p = 0.0009)")
+        self.assertEqual(dom.text_in(checks["p97.5"]), "+30.4% (slower); 12 of 300 variant requests slower than "
+                                                       "40.1 ms (Kolmogorov-Smirnov, p = 0.0123)")
+        self.assertEqual(dom.text_in(checks["outliers"]), "slower than 488 ms: 3 variant, 0 baseline requests; 4 slower "
+                                                          "than the baseline's slowest (p = 0.0061 with no change)")
+        self.assertIn("Checks for harm; a tail may be at most 25% slower:", dom.text_of("run-body"))
+
     def test_p_values_keep_their_digits(self):
         # p = 0.999 once read "p = 1": three significant digits, never rounded to 0 or 1
         now = datetime.now(timezone.utc)
@@ -413,6 +535,54 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(shown[0], (["bad"], "+12.3% (slower)"))
         self.assertEqual(shown.count((["bad"], "+12.3% (slower)")), 3)
         self.assertNotIn("within block pairs", dom.text_of("run-body"))     # both figures agree: no note
+
+    LAYOUT = """(() => {
+      const vw = document.documentElement.clientWidth, box = e => e.getBoundingClientRect();
+      return {
+        width: vw, page_overflow: document.documentElement.scrollWidth - vw,
+        beyond: [...document.querySelectorAll("#now *, #run *, #variants *")].filter(e => box(e).right > vw + 0.5).map(e => e.tagName + "." + e.className),
+        hidden_sideways: [...document.querySelectorAll(".scroll")].map(e => e.scrollWidth - e.clientWidth),
+        card: box(document.getElementById("variants-body")).width,
+        reasons: [...document.querySelectorAll("#variants td.reason")].map(td => ({
+          start: td.textContent.slice(0, 30), width: box(td).width, left: box(td).left, right: box(td).right,
+          lines: box(td).height / parseFloat(getComputedStyle(td).lineHeight), overflow: td.scrollWidth - td.clientWidth}))};
+    })()"""
+
+    def test_long_reasons_wrap_and_stay_readable_on_a_phone(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, design="switchback", kept_variant=None)
+        errors = reverted_for_errors_and_tail()
+        tail = variant("http2_push", "revert", 17.834, 38.9, -118.83, [-119.8, -117.8], 0.9999996,
+                       "revert: p100 regressed 112.6% (at most 25% allowed; 40 of 40 requests slower than 22.1 ms, "
+                       "Kolmogorov-Smirnov p=4.2e-18); p50 got 118.8% slower (needs a 10% improvement); not "
+                       "significant at 0.99 confidence at 33% of the horizon (p=1, needs <= 4.07e-06)")
+        tail["blocks"] = [{"index": i, "arm": ("baseline", "variant")[i % 2], "p50_ms": 17.5 + i} for i in range(12)]
+        broken = variant("brotli_11", "revert", None, None, None, None, None,
+                         "revert: apply of brotli_11 exited 1: nginx: [emerg] unknown directive "
+                         "/etc/nginx/conf.d/compression-brotli-level-eleven-with-static-precompressed-assets.conf:12")
+        broken["metrics"] = None
+        state["variants"] = [errors, tail, broken] + state["variants"]
+        site = HomeServer(self, state=state, history=crafted_history(now))
+        browser = DevTools(self)
+        for width in (390, 800, 1100, 1200):
+            browser.open(site.url, width, ready="document.querySelector('#variants-body table') !== null")
+            layout = browser.evaluate(self.LAYOUT)
+            self.assertEqual(layout["width"], width)
+            self.assertLessEqual(layout["page_overflow"], 0, f"{width} px: the page scrolls sideways")
+            self.assertEqual(layout["beyond"], [], f"{width} px: elements reach past the viewport")
+            self.assertTrue(all(x <= 0 for x in layout["hidden_sideways"]),
+                            f"{width} px: a table is wider than its card {layout['hidden_sideways']}")
+            self.assertEqual(len(layout["reasons"]), 6)
+            for reason in layout["reasons"]:
+                self.assertLessEqual(reason["overflow"], 0, f"{width} px: {reason}")
+                self.assertGreaterEqual(reason["left"], 0, f"{width} px: {reason}")
+                self.assertLessEqual(reason["right"], width, f"{width} px: {reason}")
+                # narrower than the eight columns need (a phone), a reason has the card's whole width;
+                # on a desktop a column of its own
+                self.assertGreaterEqual(reason["width"], 0.9 * layout["card"] if width < 1100 else 250,
+                                        f"{width} px: {reason}")
+            longest = next(r for r in layout["reasons"] if r["start"].startswith("revert: p100 regressed"))
+            self.assertGreaterEqual(longest["lines"], 5 if width < 600 else 2, f"{width} px: the reason does not wrap")
 
     def test_hostile_strings_stay_text(self):
         now = datetime.now(timezone.utc)
