@@ -4202,7 +4202,7 @@ _TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json", ".cs
 # the pages, so an edit of a page's script or style fails the tests until they are updated here
 # and there.
 DASHBOARD_CSP = ("default-src 'self'; "
-                 "script-src 'sha256-0sR94ifQM6dTug05bIjq9+8qbpVEoR259Jp2R4WDXEc=' "
+                 "script-src 'sha256-WvUPpZMxfKQM8DZ2th1FFZS0EkiLsYnK9QluwQZze2g=' "
                  "'sha256-BIi1noX0qTzATcT1BMBFMW8Lq0epEKg4tfTmDV+d26w='; "
                  "style-src 'sha256-MrMpLPSVH1TqjQGOr8dirR0WoW7fSMpQIzKpGH5ZE8U=' "
                  "'sha256-AzcrXKDVk8tOr3BNkSd8Zaiexuz4KTnurjhzR1qppbA=' "

@@ -462,6 +462,13 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(fills[-1], "var(--card)")
         self.assertEqual(set(fills[:-1]), {"var(--good)"})
         self.assertIn("variant applied on request", dom.text_of("history-body"))
+        # while it runs: neither kept nor applied yet
+        running = applied_state(now)
+        running.update(status="running", kept_variant=None, variants=[], metrics=None,
+                       current={"variant": "workers_2", "step": "measuring", "ends_at": iso(now + timedelta(minutes=1))})
+        _, dom = self.render(state=running)
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                         [(["big", "dim"], "applying workers_2")])
         # an apply whose check found harm: reverted, in red, with the reason
         _, dom = self.render(state=applied_state(now, harm="p99 regressed 89.2%"))
         self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
