@@ -6,16 +6,19 @@ tests use plain HTTP.  Each test gets its own temporary home and a server on a f
 
 from __future__ import annotations
 
+import fcntl
 import html.parser
 import http.client
 import json
 import os
+import select
 import sys
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 import unittest
 from datetime import datetime, timedelta, timezone
 
@@ -43,6 +46,44 @@ def variant(name, decision, base_p50, var_p50, improve, ci, p_value, reason, bor
                "err_delta_pct": round(var_errors / 3 - 0.333, 3), "p99_regress_pct": -31.4}
     return {"name": name, "decision": decision, "reason": reason, "borderline": borderline, "metrics": metrics,
             "verdict": {"decision": decision, "reason": reason, "borderline": borderline, "confidence": 0.99}}
+
+
+def reverted_for_errors_and_tail() -> dict:
+    """A variant entry whose verdict failed rules 4 and 5, with the figures behind them."""
+    entry = variant("gzip_9", "revert", 17.834, 15.1, 15.3, [11.0, 19.2], 2e-9,
+                    "revert: error rate rose 3.33 points, and the rise could be 5.12 (80% bound; at most 1 allowed); "
+                    "p99 regressed 41.2% (at most 25% allowed; 9 of 300 requests slower than 76.2 ms, binomial "
+                    "against 1% p=0.0009)", var_errors=11)
+    entry["verdict"].update(
+        failed_rules=["errors", "tail"], err_delta_pct=3.3337, err_rise_bound_pct=5.1204,
+        tails=[{"percentile": 99, "regress_pct": 41.2, "bound_ms": 76.2, "above": 9, "p": 0.0009,
+                "test": "binomial against 1%"},
+               {"percentile": 97.5, "regress_pct": 30.4, "bound_ms": 40.1, "above": 12, "p": 0.0123,
+                "test": "Kolmogorov-Smirnov"}],
+        outliers={"bound_ms": 488.0, "baseline": 0, "variant": 3, "beyond_slowest": 4, "beyond_p": 0.0061},
+        thresholds={"improve_pct": 10.0, "max_err_delta_pct": 1.0, "confidence": 0.99, "min_samples": 30,
+                    "max_tail_regress_pct": 25.0})
+    return entry
+
+
+def applied_state(now: datetime, harm: str | None = None) -> dict:
+    """state.json after `smart.py apply 001_nginx_workers workers_2`: kept when the check found no harm."""
+    reason = (f"revert: applied on request, but {harm}" if harm else
+              "keep: applied on request; no harm against the baseline (p50 20.948 -> 20.917 ms, errors +0.00 points)")
+    entry = variant("workers_2", "revert" if harm else "keep", 20.948, 20.917, 0.148, [-0.198, 0.493], 0.055301, reason)
+    entry["metrics"].update(base_n=120, var_n=120, base_errors=0, var_errors=0, base_err_pct=0.0, var_err_pct=0.0,
+                            base_p99_ms=28.462, var_p99_ms=23.272, err_delta_pct=0.0, p99_regress_pct=-18.235)
+    entry["verdict"].update(
+        decision="revert", failed_rules=["improvement", "significance"], err_delta_pct=0.0, err_rise_bound_pct=None,
+        tails=[{"percentile": 99, "regress_pct": -18.235, "bound_ms": 41.035, "above": 0, "p": 1.0,
+                "test": "binomial against 1%"}],
+        outliers={"bound_ms": 227.696, "baseline": 0, "variant": 0, "beyond_slowest": 0, "beyond_p": 1.0},
+        blocks=[], thresholds={"improve_pct": 10.0, "max_err_delta_pct": 1.0, "confidence": 0.99, "min_samples": 30,
+                               "max_tail_regress_pct": 25.0})
+    return crafted_state(now, experiment="001_nginx_workers", description="nginx worker processes",
+                         design="apply", kept_variant=None if harm else "workers_2", variants=[entry],
+                         metrics={key: entry["metrics"][key] for key in
+                                  ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")})
 
 
 def crafted_state(now: datetime, **changes) -> dict:
@@ -83,13 +124,14 @@ def crafted_history(now: datetime, runs: int = 20) -> dict:
 
 
 class Dom(html.parser.HTMLParser):
-    """A serialized DOM: its tags, the visible text, and the text inside each element that has an id."""
+    """A serialized DOM: its tags, the visible text, the text inside each element that has an id, and
+    every element with its attributes, text and parent (`elements`, in document order)."""
 
     VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
     def __init__(self, markup: str):
         super().__init__(convert_charrefs=True)
-        self.tags, self.text, self.by_id, self.open = [], [], {}, []
+        self.tags, self.text, self.by_id, self.open, self.elements = [], [], {}, [], []
         self.feed(markup)
         self.close()
         self.visible = " ".join(" ".join(self.text).split())
@@ -99,28 +141,47 @@ class Dom(html.parser.HTMLParser):
         self.tags.append((tag, attrs))
         if tag in self.VOID:
             return
-        quiet = tag in ("script", "style", "title") or "hidden" in attrs
-        self.open.append((tag, attrs.get("id"), quiet))
+        parent = self.open[-1] if self.open else None
+        node = {"tag": tag, "attrs": attrs, "classes": (attrs.get("class") or "").split(), "parts": [],
+                "parent": parent, "quiet": tag in ("script", "style", "title") or "hidden" in attrs,
+                "inside": (parent["inside"] | {parent["attrs"].get("id")}) if parent else set()}
+        self.elements.append(node)
+        self.open.append(node)
         if attrs.get("id"):
             self.by_id.setdefault(attrs["id"], [])
 
     def handle_endtag(self, tag):
         while self.open:
-            if self.open.pop()[0] == tag:
+            if self.open.pop()["tag"] == tag:
                 break
 
     def handle_data(self, data):
-        if not any(quiet for _, _, quiet in self.open):
+        if not any(node["quiet"] for node in self.open):
             self.text.append(data)
-        for _, element_id, _ in self.open:
-            if element_id:
-                self.by_id[element_id].append(data)
+        for node in self.open:
+            node["parts"].append(data)
+            if node["attrs"].get("id"):
+                self.by_id[node["attrs"]["id"]].append(data)
 
     def text_of(self, element_id: str) -> str:
         return " ".join("".join(self.by_id.get(element_id, [])).split())
 
     def attrs_of(self, element_id: str) -> dict:
         return next((attrs for _, attrs in self.tags if attrs.get("id") == element_id), {})
+
+    @staticmethod
+    def text_in(node) -> str:
+        return " ".join("".join(node["parts"]).split())
+
+    def find(self, tag: str | None = None, cls: str | None = None, within: str | None = None) -> list:
+        """The elements of that tag and class (inside the element with id `within`)."""
+        return [node for node in self.elements if (tag is None or node["tag"] == tag)
+                and (cls is None or cls in node["classes"]) and (within is None or within in node["inside"])]
+
+    def rows(self, within: str) -> list:
+        """The rows of the tables inside `within`, each the list of its cells' (classes, text)."""
+        return [[(cell["classes"], self.text_in(cell)) for cell in self.elements
+                 if cell["parent"] is row and cell["tag"] in ("td", "th")] for row in self.find("tr", within=within)]
 
 
 class HomeServer:
@@ -156,6 +217,90 @@ class HomeServer:
             return response.status, response.headers, response.read()
         finally:
             conn.close()
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe, for what --dump-dom cannot tell: the
+    layout at a given viewport width.  With --remote-debugging-pipe Chromium reads commands on its fd 3
+    and writes answers and events on its fd 4, each one JSON message ended by a NUL byte."""
+
+    def __init__(self, test: unittest.TestCase):
+        self.test, self.next_id, self.buffer, self.console = test, 0, b"", []
+        child_reads, self.send_end = os.pipe()
+        self.receive_end, child_writes = os.pipe()
+        # the child's ends above 4, so that putting them on 3 and 4 cannot clobber one of them
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) for fd in (child_reads, child_writes)]
+        for fd in (child_reads, child_writes):
+            os.close(fd)
+        profile = tempfile.mkdtemp(prefix="smart-chromium-")
+        test.addCleanup(shutil.rmtree, profile, True)
+        wire = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); os.execv(sys.argv[3], sys.argv[3:])"
+        command = [sys.executable, "-c", wire, str(high[0]), str(high[1]), CHROMIUM, "--headless",
+                   "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"]
+        self.browser = subprocess.Popen(command, pass_fds=high, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        for fd in high:
+            os.close(fd)
+        test.addCleanup(self.close)
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Runtime.enable", session=self.session)
+        self.call("Log.enable", session=self.session)
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        """Send one command and return its result; events that arrive meanwhile are kept in `console`."""
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self.send_end, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + BROWSER_TIMEOUT
+        while True:
+            while b"\0" not in self.buffer:
+                ready, _, _ = select.select([self.receive_end], [], [], max(0.0, deadline - time.monotonic()))
+                chunk = os.read(self.receive_end, 1 << 16) if ready else b""
+                if not chunk:
+                    self.test.fail(f"chromium gave no answer to {method}")
+                self.buffer += chunk
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self.next_id:
+                self.test.assertNotIn("error", answer, method)
+                return answer["result"]
+            if answer.get("method") in ("Runtime.exceptionThrown", "Log.entryAdded"):
+                self.console.append(json.dumps(answer["params"]))
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", session=self.session, expression=expression, returnByValue=True)
+        self.test.assertNotIn("exceptionDetails", result, expression)
+        return result["result"].get("value")
+
+    def open(self, url: str, width: int, height: int = 844, ready: str = "true"):
+        """Load url in a viewport `width` CSS pixels wide (a phone's, for a small width) and wait until the
+        expression `ready` holds."""
+        self.call("Emulation.setDeviceMetricsOverride", session=self.session, width=width, height=height,
+                  deviceScaleFactor=1, mobile=width < 600)
+        self.call("Emulation.setScrollbarsHidden", session=self.session, hidden=True)
+        self.call("Page.navigate", session=self.session, url=url)
+        deadline = time.monotonic() + BROWSER_TIMEOUT
+        while not self.evaluate(f"document.readyState === 'complete' && ({ready})"):
+            if time.monotonic() > deadline:
+                self.test.fail(f"the page at {url} was not ready ({ready}) within {BROWSER_TIMEOUT} s")
+            time.sleep(0.05)
+        problems = [line for line in self.console if "Content Security Policy" in line or "exceptionDetails" in line]
+        self.test.assertEqual(problems, [], "the page threw or its Content-Security-Policy blocked something")
+
+    def close(self):
+        if self.browser.poll() is None:
+            try:
+                os.killpg(self.browser.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.browser.wait()
+        for fd in (self.send_end, self.receive_end):
+            os.close(fd)
 
 
 class PageSourceTests(unittest.TestCase):
@@ -236,8 +381,9 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("kept ofc_10000_valid_120s", run)
         self.assertIn("17.8 ms", run)                      # baseline p50
         self.assertIn("14.9 ms", run)                      # kept variant's p50
-        self.assertIn("+16.4%", run)                       # improvement ...
-        self.assertIn("12.2 … 20.4%", run)                 # ... with its interval
+        self.assertIn("p50 −16.4% (faster)", run)          # the p50 change ...
+        self.assertIn("−20.4 … −12.2%", run)               # ... with its interval
+        self.assertIn("−0.33 pts", run)                    # the error rate's change
         self.assertIn("borderline", dom.text_of("variants-body"))
         for name in ("ofc_1000", "ofc_10000", "ofc_10000_valid_120s"):
             self.assertIn(name, dom.text_of("variants-body"))
@@ -253,6 +399,197 @@ class BrowserTests(unittest.TestCase):
         marks = [tag for tag, _ in dom.tags if tag in ("circle", "polygon")]
         self.assertEqual(len(marks), 20)
         self.assertEqual(marks.count("polygon"), sum(1 for r in history if r["kept_variant"]))
+
+    def test_a_state_in_the_original_designs_shape_shows_all_its_figures(self):
+        # docs/SPEC.md "var/state.json": the seed's fields, metrics only at the top; once only the baseline p50 showed
+        now = datetime.now(timezone.utc)
+        seed = {"run_id": "20250121T143022", "experiment": "001_nginx_workers", "kept_variant": "workers_auto",
+                "metrics": {"base_p50_ms": 45.2, "var_p50_ms": 38.1, "base_err_pct": 0.0, "var_err_pct": 0.0},
+                "updated_at": iso(now)}
+        _, dom = self.render(state=seed)
+        rows = [[text for _, text in row] for row in dom.rows("run-body")]
+        self.assertEqual(rows, [["", "baseline", "workers_auto", "change"],
+                                ["p50", "45.2 ms", "38.1 ms", "−15.7% (faster)"],
+                                ["errors", "0.00%", "0.00%", "0.00 pts"]])
+        self.assertIn("kept workers_auto", dom.text_of("run-body"))
+        self.assertIn("p50 −15.7% (faster)", dom.text_of("run-body"))
+        # with a variants list whose entries carry no metrics: the kept one's row shows the run's figures
+        seed.update(metrics={"base_p50_ms": 45.2, "var_p50_ms": 47.9, "base_err_pct": 0.5, "var_err_pct": 1.75},
+                    kept_variant="workers_2",
+                    variants=[{"name": "workers_auto", "decision": "revert", "reason": "revert: slower"},
+                              {"name": "workers_2", "decision": "keep", "reason": "keep: by the seed's rules"}])
+        _, dom = self.render(state=seed)
+        rows = [[text for _, text in row] for row in dom.rows("run-body")]
+        self.assertEqual(rows[1:], [["p50", "45.2 ms", "47.9 ms", "+6.0% (slower)"],
+                                    ["errors", "0.50%", "1.75%", "+1.25 pts"]])
+        self.assertEqual(dom.rows("run-body")[2][3][0], ["num", "bad"])
+        self.assertIn("keep: by the seed's rules", dom.text_of("run-body"))
+        variants = {row[0][1]: [text for _, text in row] for row in dom.rows("variants-body")[1:]}
+        self.assertEqual(variants["workers_2"][2:7], ["+6.0% (slower)", "–", "–", "45.2 ms → 47.9 ms", "0.50% → 1.75%"])
+        self.assertEqual(variants["workers_auto"][2:7], ["–", "–", "–", "– → –", "– → –"])
+
+    def test_a_variant_applied_on_request_is_no_measured_gain(self):
+        # after `smart.py apply`, a big green "kept workers_2" read like a measured win
+        now = datetime.now(timezone.utc)
+        history = crafted_history(now)
+        history["runs"][-1].update(design="apply", kept_variant="workers_2")
+        _, dom = self.render(state=applied_state(now), history=history)
+        run = dom.text_of("run-body")
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                         [(["big"], "applied workers_2 on request")])
+        self.assertNotIn("kept workers_2", dom.visible)
+        self.assertIn("Applied on request (smart.py apply) and verified against a fresh baseline: no harm found.", run)
+        self.assertIn("This is no measured gain", run)
+        # the verification's figures: both arms, and each check for harm
+        self.assertEqual([text for _, text in dom.rows("run-body")[1]], ["p50", "20.9 ms", "20.9 ms", "−0.1% (faster)"])
+        self.assertEqual([text for _, text in dom.rows("run-body")[-1]], ["requests", "120", "120", ""])
+        checks = dict(zip([dom.text_in(n) for n in dom.find("dt", within="run-body")],
+                          [dom.text_in(n) for n in dom.find("dd", within="run-body")]))
+        self.assertEqual(checks["p50"], "−0.1% (faster); harm from 10% slower, if significant")
+        self.assertEqual(checks["errors"], "no failed request in the variant")
+        self.assertEqual(checks["p99"], "−18.2% (faster); 0 of 120 variant requests slower than 41.0 ms "
+                                        "(binomial against 1%, p > 0.9999)")
+        self.assertIn("slower than 228 ms: 0 variant, 0 baseline requests", checks["outliers"])
+        self.assertEqual(dom.rows("variants-body")[1][1][1], "applied: no harm found")
+        self.assertEqual([n["classes"] for n in dom.find("span", within="variants-body")
+                          if dom.text_in(n) == "applied: no harm found"], [[]])
+        # history: an applied run is neutral, not a kept one's green diamond
+        recent = dom.find("li", within="history-body")[0]
+        self.assertIn("applied workers_2 on request", dom.text_in(recent))
+        self.assertEqual([n["classes"] for n in dom.find("span", within="history-body")
+                          if dom.text_in(n) == "applied workers_2 on request"], [["applied"]])
+        fills = [n["attrs"].get("fill") for n in dom.find("polygon")]
+        self.assertEqual(fills[-1], "var(--card)")
+        self.assertEqual(set(fills[:-1]), {"var(--good)"})
+        self.assertIn("variant applied on request", dom.text_of("history-body"))
+        # while it runs: neither kept nor applied yet
+        running = applied_state(now)
+        running.update(status="running", kept_variant=None, variants=[], metrics=None,
+                       current={"variant": "workers_2", "step": "measuring", "ends_at": iso(now + timedelta(minutes=1))})
+        _, dom = self.render(state=running)
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                         [(["big", "dim"], "applying workers_2")])
+        # an apply whose check found harm: reverted, in red, with the reason
+        _, dom = self.render(state=applied_state(now, harm="p99 regressed 89.2%"))
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                         [(["big", "bad"], "reverted workers_2")])
+        self.assertIn("revert: applied on request, but p99 regressed 89.2%", dom.text_of("run-body"))
+        self.assertEqual([n["classes"] for n in dom.find("span", within="variants-body")
+                          if dom.text_in(n) == "reverted: harm or failure"], [["bad"]])
+
+    def test_the_checks_for_harm_of_a_variant_reverted_for_errors_and_tail(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, kept_variant=None, variants=[reverted_for_errors_and_tail()])
+        _, dom = self.render(state=state)
+        checks = {dom.text_in(dt): dd for dt, dd in zip(dom.find("dt", within="run-body"), dom.find("dd", within="run-body"))}
+        self.assertEqual(list(checks), ["errors", "p99", "p97.5", "outliers"])
+        self.assertEqual(dom.text_in(checks["errors"]), "+3.33 pts; the rise could be up to 5.12 pts (at most 1 allowed)")
+        self.assertEqual([n["classes"] for n in dom.find("span", within="run-body")
+                          if dom.text_in(n).startswith("+3.33 pts; the rise")], [["bad"]])
+        self.assertEqual(dom.text_in(checks["p99"]), "+41.2% (slower); 9 of 300 variant requests slower than 76.2 ms "
+                                                     "(binomial against 1%, p = 0.0009)")
+        self.assertEqual(dom.text_in(checks["p97.5"]), "+30.4% (slower); 12 of 300 variant requests slower than "
+                                                       "40.1 ms (Kolmogorov-Smirnov, p = 0.0123)")
+        self.assertEqual(dom.text_in(checks["outliers"]), "slower than 488 ms: 3 variant, 0 baseline requests; 4 slower "
+                                                          "than the baseline's slowest (p = 0.0061 with no change)")
+        self.assertIn("Checks for harm; a tail may be at most 25% slower:", dom.text_of("run-body"))
+
+    def test_p_values_keep_their_digits(self):
+        # p = 0.999 once read "p = 1": three significant digits, never rounded to 0 or 1
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now)
+        for entry, p_value in zip(state["variants"], (0.999, 0.0123, 3.0e-18)):
+            entry["metrics"]["p_value"] = p_value
+        state["variants"].insert(0, variant("ofc_100", "revert", 17.834, 17.8, 0.2, [-1.0, 1.4], 0.99996,
+                                            "revert: p50 improved only 0.2% (needs a 10% improvement)"))
+        state["variants"].insert(0, variant("ofc_1", "revert", 17.834, 17.9, -0.4, [-1.6, 0.8], 1.0,
+                                            "revert: p50 got 0.4% slower (needs a 10% improvement)"))
+        state["variants"].insert(0, variant("ofc_10", "revert", 17.834, 17.9, -0.4, [-1.6, 0.8], 0.5,
+                                            "revert: p50 got 0.4% slower (needs a 10% improvement)"))
+        _, dom = self.render(state=state)
+        pvalues = {row[0][1]: row[4][1] for row in dom.rows("variants-body")[1:]}
+        self.assertEqual(pvalues, {"ofc_1": "> 0.9999", "ofc_10": "0.5", "ofc_100": "> 0.9999", "ofc_1000": "0.999", "ofc_10000": "0.0123",
+                                   "ofc_10000_valid_120s": "< 0.0001"})
+        self.assertIn("p < 0.0001", dom.text_of("run-body"))
+
+    def test_one_p50_change_with_one_sign_and_colour(self):
+        # A switchback verdict's p50 estimate (within block pairs) said 0.5% faster while the two pooled
+        # p50s differ by +0.6%: the page once showed "+0.6%" in red beside "+0.5%" in green.
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, kept_variant=None, design="switchback")
+        state["variants"] = [variant("gzip_6", "revert", 17.834, 17.94, 0.5, [-1.2, 2.1], 0.21,
+                                     "revert: p50 improved only 0.5% (needs a 10% improvement)")]
+        state["variants"][0]["verdict"]["blocks"] = [{"block": 1, "base_p50_ms": 17.9, "var_p50_ms": 17.8,
+                                                      "variant_first": True}]
+        _, dom = self.render(state=state)
+        p50_row = dom.rows("run-body")[1]
+        self.assertEqual(p50_row[0][1], "p50")
+        shown = [(node["classes"], dom.text_in(node)) for node in dom.elements
+                 if dom.text_in(node) in ("−0.5% (faster)", "+0.5% (slower)", "+0.6% (slower)", "+0.5%", "+0.6%")
+                 and node["tag"] == "span"]
+        self.assertEqual(shown, [(["good"], "−0.5% (faster)")] * 3)   # run card table, its summary, the variants table
+        self.assertNotIn("+0.6", dom.visible)
+        self.assertNotIn("+0.5", dom.visible)
+        self.assertIn("− is faster, + is slower", dom.text_of("run-body"))
+        self.assertIn("− is faster, + is slower", dom.text_of("variants-body"))
+        self.assertIn("within block pairs", dom.text_of("run-body"))
+        self.assertEqual(dom.rows("variants-body")[1][3][1], "−2.1 … +1.2%")
+        # a slower variant: + and red, everywhere
+        state["variants"][0]["metrics"].update(improve_pct=-12.34, improve_ci=[-15.0, -9.5], var_p50_ms=20.03)
+        _, dom = self.render(state=state)
+        shown = [(node["classes"], dom.text_in(node)) for node in dom.elements
+                 if node["tag"] == "span" and dom.text_in(node).endswith("(slower)")]
+        self.assertEqual(shown[0], (["bad"], "+12.3% (slower)"))
+        self.assertEqual(shown.count((["bad"], "+12.3% (slower)")), 3)
+        self.assertNotIn("within block pairs", dom.text_of("run-body"))     # both figures agree: no note
+
+    LAYOUT = """(() => {
+      const vw = document.documentElement.clientWidth, box = e => e.getBoundingClientRect();
+      return {
+        width: vw, page_overflow: document.documentElement.scrollWidth - vw,
+        beyond: [...document.querySelectorAll("#now *, #run *, #variants *")].filter(e => box(e).right > vw + 0.5).map(e => e.tagName + "." + e.className),
+        hidden_sideways: [...document.querySelectorAll(".scroll")].map(e => e.scrollWidth - e.clientWidth),
+        card: box(document.getElementById("variants-body")).width,
+        reasons: [...document.querySelectorAll("#variants td.reason")].map(td => ({
+          start: td.textContent.slice(0, 30), width: box(td).width, left: box(td).left, right: box(td).right,
+          lines: box(td).height / parseFloat(getComputedStyle(td).lineHeight), overflow: td.scrollWidth - td.clientWidth}))};
+    })()"""
+
+    def test_long_reasons_wrap_and_stay_readable_on_a_phone(self):
+        now = datetime.now(timezone.utc)
+        state = crafted_state(now, design="switchback", kept_variant=None)
+        errors = reverted_for_errors_and_tail()
+        tail = variant("http2_push", "revert", 17.834, 38.9, -118.83, [-119.8, -117.8], 0.9999996,
+                       "revert: p100 regressed 112.6% (at most 25% allowed; 40 of 40 requests slower than 22.1 ms, "
+                       "Kolmogorov-Smirnov p=4.2e-18); p50 got 118.8% slower (needs a 10% improvement); not "
+                       "significant at 0.99 confidence at 33% of the horizon (p=1, needs <= 4.07e-06)")
+        tail["blocks"] = [{"index": i, "arm": ("baseline", "variant")[i % 2], "p50_ms": 17.5 + i} for i in range(12)]
+        broken = variant("brotli_11", "revert", None, None, None, None, None,
+                         "revert: apply of brotli_11 exited 1: nginx: [emerg] unknown directive "
+                         "/etc/nginx/conf.d/compression-brotli-level-eleven-with-static-precompressed-assets.conf:12")
+        broken["metrics"] = None
+        state["variants"] = [errors, tail, broken] + state["variants"]
+        site = HomeServer(self, state=state, history=crafted_history(now))
+        browser = DevTools(self)
+        for width in (390, 800, 1100, 1200):
+            browser.open(site.url, width, ready="document.querySelector('#variants-body table') !== null")
+            layout = browser.evaluate(self.LAYOUT)
+            self.assertEqual(layout["width"], width)
+            self.assertLessEqual(layout["page_overflow"], 0, f"{width} px: the page scrolls sideways")
+            self.assertEqual(layout["beyond"], [], f"{width} px: elements reach past the viewport")
+            self.assertTrue(all(x <= 0 for x in layout["hidden_sideways"]),
+                            f"{width} px: a table is wider than its card {layout['hidden_sideways']}")
+            self.assertEqual(len(layout["reasons"]), 6)
+            for reason in layout["reasons"]:
+                self.assertLessEqual(reason["overflow"], 0, f"{width} px: {reason}")
+                self.assertGreaterEqual(reason["left"], 0, f"{width} px: {reason}")
+                self.assertLessEqual(reason["right"], width, f"{width} px: {reason}")
+                # narrower than the eight columns need (a phone), a reason has the card's whole width;
+                # on a desktop a column of its own
+                self.assertGreaterEqual(reason["width"], 0.9 * layout["card"] if width < 1100 else 250,
+                                        f"{width} px: {reason}")
+            longest = next(r for r in layout["reasons"] if r["start"].startswith("revert: p100 regressed"))
+            self.assertGreaterEqual(longest["lines"], 5 if width < 600 else 2, f"{width} px: the reason does not wrap")
 
     def test_hostile_strings_stay_text(self):
         now = datetime.now(timezone.utc)
@@ -324,10 +661,19 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("Leave open_file_cache as it is.", coach)
         self.assertIn("workers_auto", coach)
         self.assertIn("85%", coach)
-        blocks = [attrs for tag, attrs in dom.tags if "block" in (attrs.get("class") or "").split()]
-        self.assertEqual([b["class"] for b in blocks], ["block baseline", "block variant"] * 3)
-        self.assertIn("22.5", dom.text_of("variants-body"))
+        chips = [node for node in dom.find(cls="block") if "blocks" in node["parent"]["classes"]]
+        self.assertEqual([" ".join(chip["classes"]) for chip in chips], ["block baseline", "block variant"] * 3)
+        self.assertEqual([dom.text_in(chip) for chip in chips], ["17.5", "18.5", "19.5", "20.5", "21.5", "22.5"])
+        # the legend says which colour is which arm and what the number is
+        legend = dom.find(within="blocks-legend")
+        self.assertEqual([(" ".join(n["classes"]), dom.text_in(n)) for n in legend if "block" in n["classes"]],
+                         [("block baseline", "p50"), ("block variant", "p50")])
+        self.assertIn("p50 a baseline block", dom.text_of("blocks-legend"))
+        self.assertIn("p50 a variant block", dom.text_of("blocks-legend"))
+        self.assertIn("the number is the block's p50 in ms", dom.text_of("blocks-legend"))
         self.assertIn("stopped early: the error rate passed 5% in block 3", dom.text_of("run-body"))
+        _, dom = self.render(state=crafted_state(now))            # no strip: no legend for one
+        self.assertEqual(dom.attrs_of("blocks-legend"), {})
 
     def test_odd_shapes_do_not_blank_the_page(self):
         now = datetime.now(timezone.utc)
