@@ -3639,7 +3639,7 @@ class Runner:
         self.log(f"coach advice (shown, never executed): {advice['advice']!r}; next_variant "
                  f"{advice['next_variant']}; confidence {advice['confidence']}")
         record.save(coach=advice)
-        publish_dashboard(self.home)
+        publish_dashboard(self.home, recheck_days=self.settings["RECHECK_DAYS"])
 
     def append_history(self, state: dict) -> None:
         entry = {key: state.get(key) for key in HISTORY_KEYS}
@@ -4273,12 +4273,11 @@ class Measurer:
         needed = THIN_FACTOR * self.settings["MIN_SAMPLES"]
         seconds = min(self.schedule.baseline_seconds, self.schedule.experiment_seconds)
         try:
-            count = log.count_since(self.wall() - THIN_WINDOW)
+            count, rate = log.recent_rate(self.wall())
         except OSError as exc:
             note = (f"cannot read the access log {log.path} ({os_problem(exc)}; deploy/install.sh sets it up): "
                     "measured with the prober")
         else:
-            rate = count / THIN_WINDOW
             note = None if rate * seconds >= needed else (
                 f"the access log is too thin: {count} visitors' requests in the last {THIN_WINDOW:g} s "
                 f"({rate:.2g}/s) would give an arm of {seconds:g} s about {rate * seconds:.0f}, fewer than "
@@ -4288,7 +4287,7 @@ class Measurer:
             return {"name": self.source, "note": note}
         log.open_at_end()
         self.source, self.access_log = "access-log", log
-        self.record.log(f"measuring visitors' requests from {log.path} ({count} in the last {THIN_WINDOW:g} s)")
+        self.record.log(f"measuring visitors' requests from {log.path} ({rate:.2g}/s lately)")
         return {"name": "access-log", "note": None}
 
     def measure(self, name: str, seconds: float, arm: Arm, block=None, guard=None, look=None,
@@ -4415,6 +4414,7 @@ ACCESS_GRACE = 0.3      # seconds after a window's end to wait for its last log 
 ACCESS_POLL = 0.2       # seconds between two reads of the growing log
 ACCESS_LABELS = 2000    # distinct pages told apart; the requests of any further page are "(other)"
 ACCESS_TAIL = 4 << 20   # bytes at the end of the log the thin-traffic count reads at most
+ACCESS_AGE_FLOOR = 5.0  # seconds: the shortest span a recent rate is taken over
 ACCESS_LINE = re.compile(rb'^(\d+(?:\.\d+)?) (\d+(?:\.\d+)?) (\d{3}) "([A-Z]+) ([^" ?]*)')
 
 
@@ -4435,14 +4435,17 @@ class AccessLog:
         self.pending = []            # entries read that end after the window that read them
         self.labels = set()
 
-    def count_since(self, since: float) -> int:
-        """How many requests in the log's last ACCESS_TAIL bytes ended at `since` or later."""
+    def recent_rate(self, now: float) -> tuple:
+        """(requests, requests per second) of the last THIN_WINDOW seconds, from the log's last
+        ACCESS_TAIL bytes; a log younger than that is judged over its age (ACCESS_AGE_FLOOR at least)."""
         with open(self.path, "rb") as handle:
             size = handle.seek(0, os.SEEK_END)
             handle.seek(max(0, size - ACCESS_TAIL))
             lines = handle.read(ACCESS_TAIL).split(b"\n")
-        return sum(1 for entry in map(self.parse, lines[1 if size > ACCESS_TAIL else 0:])
-                   if entry is not None and entry[0] >= since)
+        ends = [entry[0] for entry in map(self.parse, lines[1 if size > ACCESS_TAIL else 0:])
+                if entry is not None and entry[0] >= now - THIN_WINDOW]
+        span = max(ACCESS_AGE_FLOOR, now - min(ends)) if ends else THIN_WINDOW
+        return len(ends), len(ends) / span
 
     def open_at_end(self) -> None:
         self.handle = open(self.path, "rb")
@@ -4631,7 +4634,9 @@ def _history(home: Home):
 def publish_dashboard(home: Home, history_runs: int = 200, running=None, recheck_days=None) -> None:
     """Publish var/history.json (the last runs), var/context.md and var/smart.prom, each atomically."""
     history = list(_history(home))
-    write_json(os.path.join(home.var, "history.json"), {"runs": history[-history_runs:], "updated_at": utc_now()})
+    kept = {experiment: kept_summary(entry, recheck_days) for experiment, entry in read_kept(home).items()}
+    write_json(os.path.join(home.var, "history.json"), {"runs": history[-history_runs:], "kept": kept,
+                                                         "updated_at": utc_now()})
     write_atomic(os.path.join(home.var, "context.md"),
                  format_status(collect_status(home, running=running, history=history, recheck_days=recheck_days),
                                markdown=True))
@@ -5985,7 +5990,7 @@ def cmd_revert(args, settings) -> int:
     home = Home(args.home)
     experiment = find_experiments(home.root, [args.experiment], settings)[0]
     code = Runner(home, settings, stop=args.stop).revert_experiment(experiment)
-    publish_dashboard(home)
+    publish_dashboard(home, recheck_days=settings["RECHECK_DAYS"])
     return code
 
 
@@ -5998,7 +6003,7 @@ def cmd_recover(args, settings) -> int:
         entry = runner.recover()
     if entry is None:
         print("nothing to recover: no variant is left applied")
-    publish_dashboard(home)
+    publish_dashboard(home, recheck_days=settings["RECHECK_DAYS"])
     return 0
 
 
@@ -6006,7 +6011,7 @@ def cmd_dashboard(args, settings) -> int:
     """dashboard: rebuild the published files from var/."""
     home = Home(args.home)
     os.makedirs(home.var, exist_ok=True)
-    publish_dashboard(home)
+    publish_dashboard(home, recheck_days=settings["RECHECK_DAYS"])
     print(f"published {os.path.join(home.var, 'history.json')}")
     return 0
 
@@ -6037,7 +6042,7 @@ def cmd_serve(args, settings) -> int:
     """serve: the dashboard over HTTP."""
     home = Home(args.home)
     with contextlib.suppress(OSError):
-        publish_dashboard(home)
+        publish_dashboard(home, recheck_days=settings["RECHECK_DAYS"])
     return serve_dashboard(home, args.bind, args.port, args.allow_host)
 
 

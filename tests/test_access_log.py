@@ -1,0 +1,198 @@
+"""Judging from real traffic (issue 17): the access-log measurement source.
+
+A real nginx (tests/test_prober_nginx.py's, from a temporary folder) proxies to a DemoTarget
+whose page time the variants switch, and writes the timing log the shipped configuration writes
+(`$msec $request_time $status "$request_method $request_uri" ...`, smart.py's own probes left
+out by their User-Agent).  A Visitors thread replays requests at a steady rate, as a site's
+visitors would.  The same switchback experiment is then judged from the prober and from the log:
+the verdicts must agree on a clear gain and on a no-op.
+
+AccessLogReading covers the reader alone: the label of each request, a 499, a rotated or
+truncated log, the thin-traffic check and the fallback to the prober.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import import_smart  # noqa: E402
+from test_adapting import SWITCHBACK, AdaptingTestCase  # noqa: E402
+from test_prober_nginx import Nginx  # noqa: E402
+
+smart = import_smart()
+
+TIMING_FORMAT = "'$msec $request_time $status \"$request_method $request_uri\" $upstream_cache_status'"
+
+
+class Visitors(threading.Thread):
+    """Requests at a steady rate over one keep-alive connection (a new one after any failure),
+    with a browser's User-Agent, cycling through a few pages; stopped in the test's cleanup."""
+
+    PAGES = ("/", "/about/", "/blog/?p=1")
+
+    def __init__(self, test, port: int, rate: float = 60.0):
+        super().__init__(daemon=True)
+        self.port, self.every = port, 1.0 / rate
+        self.stopping = threading.Event()
+        self.sent = 0
+        test.addCleanup(self.stop)
+
+    def run(self):
+        conn = None
+        due = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", self.PAGES[self.sent % len(self.PAGES)], headers={"User-Agent": "Mozilla/5.0"})
+                conn.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                if conn is not None:
+                    conn.close()
+                conn = None
+            self.sent += 1
+            due += self.every
+            self.stopping.wait(max(0.0, due - time.monotonic()))
+        if conn is not None:
+            conn.close()
+
+    def stop(self):
+        self.stopping.set()
+        if self.is_alive():
+            self.join(5)
+
+
+class AccessLogVerdicts(AdaptingTestCase):
+
+    def setUp(self):
+        super().setUp()
+        target = self.paced("ms45")
+        self.log_path = self.path("timing.log")
+        self.nginx = Nginx(self, f"""
+    log_format smart_timing {TIMING_FORMAT};
+    map $http_user_agent $smart_visitor {{ ~^smart\\.py/ 0; default 1; }}
+    upstream demo {{ server 127.0.0.1:{target.server_address[1]}; keepalive 8; }}
+    server {{
+        listen 127.0.0.1:{{port}};
+        access_log {self.log_path} smart_timing if=$smart_visitor;
+        location / {{ proxy_pass http://demo; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    }}
+""")
+        self.site = f"http://127.0.0.1:{self.nginx.port}/"
+        self.env = dict(SWITCHBACK, ACCESS_LOG=self.log_path, EARLY_STOP="no")
+
+    def experiment_of(self, name, variant_mode, source):
+        self.experiment(name, [("baseline", "echo ms45 > ../../target/mode"),
+                               ("variant", f"echo {variant_mode} > ../../target/mode")],
+                        "echo ms45 > ../../target/mode", target_url=self.site,
+                        measure={"rate": 40, "timeout": 2, "source": source})
+
+    def verdict(self, name):
+        rc, out, err = self.cli("run", name, env=self.env)
+        self.assertEqual(rc, 0, out + err)
+        state = self.state()
+        return state, self.variants(state)["variant"]
+
+    def test_the_access_log_reaches_the_probers_verdict_on_a_gain_and_on_a_no_op(self):
+        visitors = Visitors(self, self.nginx.port)
+        visitors.start()
+        time.sleep(1.0)
+        for variant_mode, expected in (("ms20", "keep"), ("ms45", "revert")):
+            decisions = {}
+            for source in ("prober", "access-log"):
+                name = f"00{len(decisions) + 1}_{variant_mode}_{source}".replace("-", "_")
+                self.experiment_of(name, variant_mode, source)
+                state, record = self.verdict(name)
+                self.assertEqual(state["source"], {"name": source, "note": None}, state["source"])
+                decisions[source] = record["decision"]
+                if source == "access-log":
+                    rows = smart.read_measurements(os.path.join(self.var, "runs", state["run_id"], "variant.csv.gz"))
+                    self.assertGreater(rows.total, 3 * 10, "the log gave too few visitors' rows")
+                    self.assertEqual({url for url, _ in rows.answers}, {"/", "/about/", "/blog/"})
+                if expected == "keep":
+                    rc, out, err = self.cli("revert", name, env=self.env)
+                    self.assertEqual(rc, 0, out + err)
+            self.assertEqual(decisions, {"prober": expected, "access-log": expected}, variant_mode)
+        with open(self.log_path, encoding="utf-8") as handle:
+            logged = handle.read()
+        self.assertNotIn("smart.py", logged)
+        self.assertGreater(visitors.sent, 0)
+
+    def test_thin_traffic_falls_back_to_the_prober_and_says_so(self):
+        self.experiment_of("001_thin", "ms20", "access-log")
+        state, record = self.verdict("001_thin")
+        self.assertEqual(state["source"]["name"], "prober")
+        self.assertIn("too thin", state["source"]["note"])
+        self.assertEqual(record["decision"], "keep")           # the prober still judged it
+        rc, out, _ = self.cli("status")
+        self.assertIn("measured with the prober (the access log is too thin", out)
+
+
+class AccessLogReading(unittest.TestCase):
+
+    def setUp(self):
+        import tempfile
+        import shutil
+        self.folder = tempfile.mkdtemp(prefix="smart-access-log-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.path = os.path.join(self.folder, "timing.log")
+
+    def append(self, *lines):
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+
+    def test_labels_statuses_rotation_and_truncation(self):
+        self.append("1764274000.100 0.020 200 \"GET / HTTP/1.1\" -")
+        log = smart.AccessLog(self.path)
+        log.open_at_end()
+        self.assertEqual(log.entries(), [])                   # what was there before is not measured
+        self.append('1764274001.000 0.025 200 "GET /blog/?p=7 HTTP/1.1" MISS',
+                    '1764274001.500 1.500 499 "POST /wp-login.php HTTP/1.1" -',
+                    '1764274002.000 0.000 304 "GET /a,b.css HTTP/2.0" -',
+                    "not a timing line at all")
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write('1764274003.000 0.010 200 "GET /half')      # a line still being written
+        self.assertEqual(log.entries(), [(1764274001.0, 25.0, 200, "/blog/"),
+                                         (1764274001.5, 1500.0, 0, "POST /wp-login.php"),
+                                         (1764274002.0, 0.0, 304, "/a%2Cb.css")])
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(' HTTP/1.1" -\n')
+        self.assertEqual(log.entries(), [(1764274003.0, 10.0, 200, "/half")])
+        os.rename(self.path, self.path + ".1")                  # logrotate, then nginx reopens
+        self.append('1764274004.000 0.030 200 "GET /new HTTP/1.1" -')
+        self.assertEqual(log.entries(), [(1764274004.0, 30.0, 200, "/new")])
+        with open(self.path, "w", encoding="utf-8"):
+            pass                                                 # truncated (copytruncate)
+        self.append('1764274005.000 0.040 503 "GET / HTTP/1.1" -')
+        self.assertEqual(log.entries(), [(1764274005.0, 40.0, 503, "/")])
+        log.close()
+
+    def test_a_304_counts_as_the_200_it_stands_for_and_a_404_does_not(self):
+        base, var = smart.Arm(), smart.Arm()
+        for i in range(50):
+            base.add(20.0, 200 if i % 3 else 304, url="/")
+            var.add(10.0, 200 if i % 3 else 304, url="/")
+        self.assertEqual(smart.figures(base, var, smart.Thresholds(smart.load_settings(None, environ={}))).var_ok, 50)
+        var.add(1.0, 404, url="/")
+        usual = base.usual_status()
+        self.assertEqual(usual, {"/": 200})
+        self.assertEqual(var.judged(usual).errors, 1)
+
+    def test_the_recent_rate_is_taken_over_the_logs_age(self):
+        now = time.time()
+        self.append(*(f'{now - 2 + i / 50:.3f} 0.010 200 "GET / HTTP/1.1" -' for i in range(100)))
+        count, rate = smart.AccessLog(self.path).recent_rate(now)
+        self.assertEqual(count, 100)
+        self.assertAlmostEqual(rate, 100 / smart.ACCESS_AGE_FLOOR)
+        self.append(f'{now - 1000:.3f} 0.010 200 "GET / HTTP/1.1" -')     # older than the window: not counted
+        self.assertEqual(smart.AccessLog(self.path).recent_rate(now)[0], 100)
+
+
+if __name__ == "__main__":
+    unittest.main()
