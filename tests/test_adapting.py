@@ -406,10 +406,13 @@ class SweepTests(AdaptingTestCase):
         self.assertEqual(self.kept(), {})
         self.assert_nothing_applied()
 
-    def test_sigkill_in_a_sweep_is_undone_by_recovery(self):
+    def test_sigkill_in_a_sweep_is_undone_by_recovery_and_the_lock_holds_meanwhile(self):
         self.sweep()
         proc = self.spawn("run", "003_knob", env=dict(self.env, EARLY_STOP="no", EXPERIMENT_SECONDS="30"))
         self.wait_phase("measuring knob_1", 20)
+        rc, out, err = self.cli("run", "003_knob", env=self.env)
+        self.assertEqual(rc, 1, out + err)
+        self.assertIn("lock", err)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
         self.assertIn("knob 1", self.read("helper.state"))

@@ -12,8 +12,8 @@ random while, before their write or partly after it (a config written, then a sl
   sigkill     SIGKILL smart.py (its pid only, so that its commands live on as orphans, or its process
               group) at a random moment: uniform over the run's expected length, or just after
               state.json says applying / reverting / kept, or just after a command's write shows in
-              order.log; in `run EXP` on a fresh home, `run EXP` or `revert EXP` on a settled one (the
-              kept variant's revert runs first), or `apply EXP VARIANT`; then `recover`, `run EXP` or
+              order.log; in `run EXP` on a fresh home, `run EXP`, `revert EXP` or `recheck EXP` on a settled
+              one (the kept variant's revert runs first), or `apply EXP VARIANT`; then `recover`, `run EXP` or
               the timer's `run` (sometimes itself killed, then `recover`)
   sigterm     SIGTERM at a random moment: exit 1 within seconds, reverted, one line on stderr
   apply-kill  SIGKILL inside a slow apply (0.2-1.5 s) whose background children write later
@@ -552,10 +552,10 @@ class Trial(RunTestCase):
 
 def trial_sigkill(t: Trial):
     rng = t.rng
-    scenario = rng.choice(["fresh", "fresh", "fresh", "fresh", "settled", "settled", "revert", "apply"])
+    scenario = rng.choice(["fresh", "fresh", "fresh", "fresh", "settled", "settled", "revert", "apply", "recheck"])
     mode = rng.choice(["uniform", "uniform", "uniform", "applying", "applying", "reverting", "kept", "order",
                        "order"])
-    settled = scenario in ("settled", "revert")
+    settled = scenario in ("settled", "revert", "recheck")
     if settled and rng.random() < 0.6:
         mode = "order"                           # the first line: the kept variant's revert, run with no journal
     target = rng.random() < 0.25
@@ -576,6 +576,8 @@ def trial_sigkill(t: Trial):
         if scenario == "revert":
             args = ("revert", EXP)
             length = 0.4 + t.cfg["revert_sleep"] + 0.3
+        elif scenario == "recheck":              # the kept variant taken back, reverted, measured, kept or not
+            args = ("recheck", EXP)
     elif scenario == "apply":                    # `apply EXP VARIANT`: baseline, the variant, keep unless harm
         args = ("apply", EXP, rng.choice(names))
         length = 0.4 + 2 * 1.0 * t.cfg["scale"] + t.cfg["warmup"] * t.cfg["scale"] + 2.5
@@ -588,8 +590,8 @@ def trial_sigkill(t: Trial):
     t.landed = t.kill(proc, signal.SIGKILL, group)
     t.hit = phase_kind(phase) if t.landed else "after the end"
     rc, out, err = t.finished(proc, 10)
-    t.notes.append(f"killed at phase {phase!r} (rc {rc}, {'landed' if t.landed else 'run had ended'}), "
-                   f"server.conf {t.server()!r}")
+    t.notes.append(f"{' '.join(args[:1])} killed at phase {phase!r} (rc {rc}, "
+                   f"{'landed' if t.landed else 'run had ended'}), server.conf {t.server()!r}")
     if rc not in (0, 1, -signal.SIGKILL):
         t.problem(f"the run exited {rc} before the kill: {err.strip()[:300]!r}")
     if double:
