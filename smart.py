@@ -3781,23 +3781,22 @@ class Trial:
         sweep = {"name": self.experiment.sweep["name"], "order": "ascending",
                  "values": [v["name"] for v in candidates], "tried": 0, "best": None, "stopped": None}
         self.record.save(sweep=sweep)
-        best = None
-        passed = {}         # the record of each value that passed every rule -> the rules' reason
+        best = None         # (variant, record, the rules' reason) of the best value so far
+        passed = []         # the records of the values that passed every rule
         for index, variant in enumerate(candidates):
             self.stop.check()
             record = self.attempt(variant, lambda: measure_one(variant))
             sweep["tried"] = index + 1
-            if record["decision"] == "keep":
-                rules = record["reason"]
+            rules = record["reason"] if record["decision"] == "keep" else None
+            if rules:
                 record = dict(record, decision="revert",
                               reason=f"revert for now: it passes every rule ({rules}); the sweep walks on")
-                passed[id(record)] = rules
+                passed.append(record)
             self.record.add_variant(record)
             self.switch.back()
             why = None if best is None else self.worse_than_best(record, best[1])
-            if id(record) in passed and (best is None or
-                                         record["metrics"]["improve_pct"] > best[1]["metrics"]["improve_pct"]):
-                best = (variant, record)
+            if rules and (best is None or record["metrics"]["improve_pct"] > best[1]["metrics"]["improve_pct"]):
+                best = (variant, record, rules)
                 sweep["best"] = variant["name"]
             if why:
                 left = [v["name"] for v in candidates[index + 1:]]
@@ -3808,14 +3807,14 @@ class Trial:
             self.record.save(sweep=sweep)
         if best is None:
             return
-        variant, record = best
-        for other in self.record.state["variants"]:
-            if id(other) in passed and other is not record:
+        variant, record, rules = best
+        for other in passed:
+            if other is not record:
                 other["reason"] = (f"revert: it passes every rule, but {variant['name']} improved p50 more "
                                    f"({_fmt_pct(other['metrics']['improve_pct'])} against "
                                    f"{_fmt_pct(record['metrics']['improve_pct'])})")
         record.update(decision="keep", reason=f"keep: the best of the sweep's {sweep['tried']} values tried: "
-                                              f"{passed[id(record)].split(': ', 1)[-1]}")
+                                              f"{rules.split(': ', 1)[-1]}")
         record.update(self.fair(record))
         self.record.headline(record)
         self.log(f"sweep {sweep['name']}: {record['reason']}")
