@@ -5956,6 +5956,8 @@ def format_plan(experiments, settings, now=None) -> str:
             + (f"concurrency {experiment.measure['concurrency']}" if "concurrency" in experiment.measure else
                f"rate {experiment.measure['rate']}/s" if "rate" in experiment.measure else
                f"every {experiment.interval or 1:g} s"))
+        if experiment.measure.get("source") == "access-log":
+            how = f"visitors' requests from {settings['ACCESS_LOG']} (else, when too thin, the {how})"
         lines += [f"experiment {experiment.id}: {experiment.description}",
                   f"  folder   {experiment.path}",
                   f"  measure  {how}",
@@ -5964,6 +5966,9 @@ def format_plan(experiments, settings, now=None) -> str:
         lacking = lacks(experiment)
         if lacking:
             lines.append(f"  skipped  it does not apply on this box: it needs {', '.join(lacking)}")
+        if experiment.sweep is not None:
+            lines.append(f"  sweep    {experiment.sweep['name']}: {len(experiment.candidates)} values in ascending order, "
+                         "until one is clearly worse than the best so far; the best that passes is kept")
         current = now.get(experiment.id) or {}
         for variant in experiment.candidates:
             same = variant.get("set") and all(current.get(name) == str(value) for name, value in variant["set"].items())
