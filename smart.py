@@ -1831,9 +1831,11 @@ def compress_measurements(run_dir: str) -> int:
                 os.fchmod(out.fileno(), 0o644)
                 os.fsync(out.fileno())
             os.replace(temp, path + ".gz")
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+            if isinstance(exc, OSError) and not exc.filename:
+                raise OSError(exc.errno, exc.strerror or str(exc), path + ".gz") from None
             raise
         saved += os.lstat(path).st_size - os.lstat(path + ".gz").st_size
         os.unlink(path)
@@ -3617,9 +3619,12 @@ class Runner:
         record.save(status=status, phase="finished", finished_at=utc_now(), current=None,
                     reason=reason or record.state.get("reason"))
         self.append_history(record.state)
-        saved = compress_measurements(record.run_dir)
-        if saved:
-            self.log(f"measurement CSVs gzip-compressed, {saved / 1048576:.1f} MiB saved")
+        try:
+            saved = compress_measurements(record.run_dir)
+            if saved:
+                self.log(f"measurement CSVs gzip-compressed, {saved / 1048576:.1f} MiB saved")
+        except OSError as exc:          # only space saving: the CSVs that are left stay readable
+            self.log(f"measurement CSVs left uncompressed ({os_problem(exc)})", "warning")
         self.rotate_runs(record.run_id)
         publish_dashboard(self.home, running=False, recheck_days=self.settings["RECHECK_DAYS"])
         self.log(f"finished: status {status}, kept {record.state['kept_variant'] or 'nothing'}")

@@ -40,6 +40,13 @@ DOCUMENTED_DEFAULTS = {
     "RETRY_HOURS": 24,
     # Added by the phone-home issue: the model of an Ollama-style local coach.
     "PHONE_HOME_MODEL": "llama3.2",
+    # Added by the catalogue issue: where a helper's experiment measures, and what runs a helper.
+    "SITE_URL": "http://127.0.0.1",
+    "SITE_TLS_URL": "https://127.0.0.1",
+    "HELPER_COMMAND": "sudo -n /usr/local/sbin/",
+    # Added by the adapting issue: re-checks and visitors' timings.
+    "RECHECK_DAYS": 7.0,
+    "ACCESS_LOG": "/var/log/nginx/smart-timing.log",
 }
 
 # For every key, values that must be refused (exit 2 naming the key).
@@ -56,6 +63,11 @@ BAD_VALUES = {
     "KEEP_RUNS": ["0", "-1", "many", "1.5"],
     "PHONE_HOME": ["sometimes", "yes", "NEVER", "1"],
     "PHONE_HOME_URL": ["ftp://x", "coach.example.com", "http//x", "file:///etc/passwd", "http://"],
+    "SITE_URL": ["ftp://x", "127.0.0.1", "http://host/path", "http://a b", ""],
+    "SITE_TLS_URL": ["http://127.0.0.1", "https://host/path", ""],
+    "HELPER_COMMAND": ["sudo; rm -rf /", "a|b", "$(id)"],
+    "RECHECK_DAYS": ["-1", "week", "nan", "inf"],
+    "ACCESS_LOG": ["relative/log", "/var/log/with space", ""],
 }
 
 GOOD_VALUES = {
@@ -69,6 +81,9 @@ GOOD_VALUES = {
     "PHONE_HOME": ("always", "always"),
     "PHONE_HOME_URL": ("https://coach.example.com/api/v1", "https://coach.example.com/api/v1"),
     "PHONE_HOME_TOKEN": ("s3cr3t", "s3cr3t"),
+    "SITE_URL": ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+    "RECHECK_DAYS": ("0", 0.0),
+    "HELPER_COMMAND": ("", ""),
 }
 
 
