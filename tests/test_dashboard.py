@@ -818,12 +818,18 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(dom.find("b", within="sweep")[-1]["classes"], ["mono", "good"])
         # the chart plots a run's own baseline p50 (the anomaly's figure), not its headline variant's
         self.assertIn("003_knob: baseline p50 31.3 ms, kept knob_3", dom.text_in(dom.find("title", within="history-body")[-1]))
+        # a walk to the end: every value tried, none dashed
+        state["sweep"].update(tried=6, stopped=None)
+        _, dom = self.render(state=state)
+        self.assertIn("6 of 6 tried; best: knob_3", dom.text_of("sweep"))
+        self.assertIn("every value tried", dom.text_of("sweep"))
+        self.assertEqual([n for n in dom.find(cls="untried", within="sweep")], [])
 
     LAYOUT = """(() => {
       const vw = document.documentElement.clientWidth, box = e => e.getBoundingClientRect();
       return {
         width: vw, page_overflow: document.documentElement.scrollWidth - vw,
-        beyond: [...document.querySelectorAll("#now *, #run *, #variants *")].filter(e => box(e).right > vw + 0.5).map(e => e.tagName + "." + e.className),
+        beyond: [...document.querySelectorAll("#now *, #kept *, #run *, #variants *, #history .legend *")].filter(e => box(e).right > vw + 0.5).map(e => e.tagName + "." + e.className),
         hidden_sideways: [...document.querySelectorAll(".scroll")].map(e => e.scrollWidth - e.clientWidth),
         card: box(document.getElementById("variants-body")).width,
         reasons: [...document.querySelectorAll("#variants td.reason")].map(td => ({
@@ -845,7 +851,26 @@ class BrowserTests(unittest.TestCase):
                          "/etc/nginx/conf.d/compression-brotli-level-eleven-with-static-precompressed-assets.conf:12")
         broken["metrics"] = None
         state["variants"] = [errors, tail, broken] + state["variants"]
-        site = HomeServer(self, state=state, history=crafted_history(now))
+        # issue 17's parts at their longest: a re-check of a long-named variant under an anomaly, a sweep of
+        # long names that stopped, a note on the source, kept variants with long names
+        long_name = "open_file_cache_max_10000_inactive_120s_valid_60s_errors_on"
+        state.update(recheck={"variant": long_name, "kept_at": iso(now - timedelta(days=8)),
+                              "kept_in": "20261119T101500", "confirmed_at": None, "outcome": "inconclusive"},
+                     anomaly=anomaly("baseline p50 61 ms is 2.9 x the usual 21.1 ms, outside 12.7-29.6 ms (median +- 4 "
+                                     "robust deviations of the last 10 runs); /var/www/html/wp-content/cache/"
+                                     "supercache/example.org/index-https.html was missing"),
+                     source={"name": "prober", "note": THIN_NOTE.replace("the access log", "/var/log/nginx/smart-timing-example-org-with-a-long-name.log")},
+                     sweep={"name": "fastcgi_buffers_count", "order": "ascending", "tried": 5, "best": None,
+                            "values": [f"fastcgi_buffers_count_{2 ** i}_with_size_{4 * 2 ** i}k" for i in range(8)],
+                            "stopped": "fastcgi_buffers_count_16_with_size_64k did harm or failed (p99 regressed 41.2% "
+                                       "(at most 25% allowed; 9 of 300 requests slower than 76.2 ms, binomial against "
+                                       "1% p=0.0009)): the walk stops (fastcgi_buffers_count_32_with_size_128k, "
+                                       "fastcgi_buffers_count_64_with_size_256k, fastcgi_buffers_count_128_with_size_512k "
+                                       "not tried)"})
+        history = adapting_history(now)
+        history["kept"].update({"009_fastcgi_buffers_with_a_long_experiment_name": kept_entry(
+            now, long_name, now - timedelta(days=3)), "010_off": kept_entry(now, "x", now, recheck_days=0)})
+        site = HomeServer(self, state=state, history=history)
         browser = DevTools(self)
         for width in (390, 800, 1100, 1200):
             browser.open(site.url, width, ready="document.querySelector('#variants-body table') !== null")
@@ -875,8 +900,17 @@ class BrowserTests(unittest.TestCase):
         state["variants"][1]["name"] = '"><img src=x onerror=alert(1)>'
         state["variants"][1]["stopped_early"] = HOSTILE
         state["variants"][1]["blocks"] = [{"index": HOSTILE, "arm": HOSTILE, "p50_ms": 12.5}]
+        state.update(recheck={"variant": HOSTILE, "kept_at": HOSTILE, "kept_in": HOSTILE, "confirmed_at": HOSTILE,
+                              "outcome": HOSTILE},
+                     anomaly=anomaly(HOSTILE), source={"name": HOSTILE, "note": HOSTILE},
+                     sweep={"name": HOSTILE, "order": HOSTILE, "values": [HOSTILE], "tried": 1, "best": HOSTILE,
+                            "stopped": HOSTILE})
+        state["variants"][2]["anomalous"] = True
         history = crafted_history(now)
         history["runs"][-1].update(experiment=HOSTILE, run_id='x"><script>alert(1)</script>', kept_variant=HOSTILE)
+        history["runs"][-2].update(recheck={"variant": HOSTILE, "outcome": HOSTILE}, anomaly={"text": HOSTILE})
+        history["kept"] = {HOSTILE: {"variant": HOSTILE, "since": HOSTILE, "run_id": HOSTILE, "confirmed_at": HOSTILE,
+                                     "rechecks": HOSTILE, "next_recheck": HOSTILE, "recheck_off": False}}
         markup, dom = self.render(state=state, history=history)
         self.assertTrue("&lt;img" in markup, "the hostile <img> is not in the DOM as escaped text")
         self.assertTrue("&lt;script&gt;" in markup, "the hostile <script> is not in the DOM as escaped text")
@@ -886,6 +920,8 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(len([tag for tag, _ in dom.tags if tag == "script"]), 1)     # the page's own
         self.assertIn('revert: <img src=x onerror="document.body.dataset.pwned=1">', dom.text_of("variants-body"))
         self.assertIn("<script>document.body.dataset.pwned=2</script>", dom.text_of("coach-body"))
+        for part in ("recheck", "anomaly", "sweep", "source", "kept-body"):
+            self.assertIn('<img src=x onerror="document.body.dataset.pwned=1">', dom.text_of(part), part)
         self.assertNotIn("hidden", dom.attrs_of("coach"))
 
     def test_stale_state_warns(self):
@@ -962,6 +998,15 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("hidden", dom.attrs_of("banner"))
         self.assertIn("nothing kept", dom.text_of("run-body"))
         self.assertIn("5", dom.text_of("variants-body"))
+        # issue 17's parts in odd shapes
+        state.update(recheck={"variant": 7, "outcome": 9}, anomaly={"text": None}, sweep={"values": "x", "tried": "3"},
+                     source={"name": 5})
+        history["runs"].append({"recheck": "x", "anomaly": [], "baseline_p50_ms": "9"})
+        history["kept"] = {"e": "junk", "f": {"since": 5, "rechecks": "2", "next_recheck": [], "age_days": "3"}}
+        _, dom = self.render(state=state, history=history)
+        self.assertIn("hidden", dom.attrs_of("banner"))
+        self.assertIn("re-check of 7: not finished", dom.text_of("run-body"))
+        self.assertIn("f: kept since", dom.text_of("kept-body"))
 
     def test_fleet_page_runs_under_the_policy(self):
         # www/fleet.html is served from www/ too; without a fleet.json beside it, it says so.
