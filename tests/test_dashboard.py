@@ -693,6 +693,14 @@ class BrowserTests(unittest.TestCase):
                                  [[colours[outcome]]])
                 self.assertIn(f"runs/{state['recheck']['kept_in']}/", {a.get("href") for t, a in dom.tags if t == "a"})
                 self.assertNotIn("kept faster", dom.visible)
+        # interrupted: smart.py records "reverted", but no lost advantage
+        stopped = recheck_state(now, "reverted")
+        stopped.update(status="interrupted", reason="stopped by SIGTERM; faster reverted")
+        _, dom = self.render(state=stopped)
+        self.assertTrue(dom.text_of("recheck").endswith(
+            "Reverted: the re-check did not finish (interrupted; see the reason): it was reverted and the experiment is "
+            "reopened."), dom.text_of("recheck"))
+        self.assertNotIn("advantage", dom.text_of("run-body"))
         running = recheck_state(now, "confirmed")
         running["recheck"]["outcome"] = None
         running.update(status="running", kept_variant=None, updated_at=iso(now),
