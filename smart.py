@@ -5151,9 +5151,9 @@ _TYPES = {".html": "text/html; charset=utf-8", ".json": "application/json", ".cs
 # the pages, so an edit of a page's script or style fails the tests until they are updated here
 # and there.
 DASHBOARD_CSP = ("default-src 'self'; "
-                 "script-src 'sha256-WvUPpZMxfKQM8DZ2th1FFZS0EkiLsYnK9QluwQZze2g=' "
+                 "script-src 'sha256-dxX/iCPp+xUq+EjtBBDv9az4MB8+aQfHnhu1Iu2MAEo=' "
                  "'sha256-BIi1noX0qTzATcT1BMBFMW8Lq0epEKg4tfTmDV+d26w='; "
-                 "style-src 'sha256-MrMpLPSVH1TqjQGOr8dirR0WoW7fSMpQIzKpGH5ZE8U=' "
+                 "style-src 'sha256-AukH3ColuYmgxrL10v375XdGxh8nZ/7folXaW820El0=' "
                  "'sha256-AzcrXKDVk8tOr3BNkSd8Zaiexuz4KTnurjhzR1qppbA=' "
                  "'unsafe-hashes' 'sha256-CXrmR8Ivp3FsNY5Y7pV5kS6fG/nVl1Yt0Ba6GlryI6M='; "
                  "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

@@ -123,6 +123,122 @@ def crafted_history(now: datetime, runs: int = 20) -> dict:
     return {"runs": entries, "updated_at": iso(now)}
 
 
+# Issue 17's records (re-checks, anomalies, sweeps, the measurement source, history.json's `kept`), in the
+# shapes real runs of smart.py wrote: tests/test_adapting.py's scenarios and tests/test_access_log.py's thin
+# traffic, run with their var/ kept, the figures and texts copied, the times made relative to now.
+ANOMALY_TEXT = ("baseline p50 61 ms is 2.9 x the usual 21.1 ms, outside 12.7-29.6 ms (median +- 4 robust deviations "
+                "of the last 5 runs)")
+THIN_NOTE = ("the access log is too thin: 0 visitors' requests in the last 300 s (0/s) would give an arm of 2.4 s about "
+             "0, fewer than 40 (4 x MIN_SAMPLES): measured with the prober")
+
+
+def run_id(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S")
+
+
+def anomaly(text: str = ANOMALY_TEXT) -> dict:
+    return {"baseline_p50_ms": 60.964, "usual_p50_ms": 21.146, "low_ms": 12.688, "high_ms": 29.604, "runs": 5,
+            "ratio": 2.883, "text": text}
+
+
+def anomaly_state(now: datetime) -> dict:
+    """A sequential run of 001_cache whose baseline was 2.9 x the usual: `faster` passed every rule, kept nothing."""
+    faster = variant("faster", "revert", 60.964, 5.972, 90.204, [89.048, 91.238], 7.17037e-15,
+                     f"revert: the baseline is anomalous ({ANOMALY_TEXT}): a run under an anomaly keeps nothing (the "
+                     "rules said keep: p50 improved 90.2% (needs 10%), significant (p=7.17e-15); errors +0.00 points, "
+                     "p99 -82.0%)")
+    faster["anomalous"] = True
+    return crafted_state(now, experiment="001_cache", description="test experiment 001_cache", kept_variant=None,
+                         metrics={"base_p50_ms": 60.964, "var_p50_ms": 5.972, "base_err_pct": 0.0, "var_err_pct": 0.0},
+                         variants=[faster], baseline_p50_ms=60.964, anomaly=anomaly(),
+                         source={"name": "prober", "note": None}, recheck=None, sweep=None)
+
+
+def recheck_state(now: datetime, outcome: str) -> dict:
+    """A re-check of 001_cache's `faster`, kept 8 days ago, that ended `outcome`: confirmed, reverted, or
+    inconclusive (under an anomalous baseline, left applied as it was)."""
+    first = now - timedelta(days=8)
+    if outcome == "confirmed":
+        entry = variant("faster", "keep", 47.584, 20.884, 60.721, [52.547, 59.408], 4.47588e-12,
+                        "keep: p50 improved 60.7% (needs 10%), significant (p=4.48e-12); errors +0.00 points, p99 -85.1%")
+    elif outcome == "reverted":
+        entry = variant("faster", "revert", 46.011, 45.905, 0.23, [-0.139, 0.598], 0.0310552,
+                        "revert: p50 improved only 0.2% (needs a 10% improvement); not significant at 0.99 confidence "
+                        "at 33% of the horizon (p=0.0311, needs <= 4.07e-06)")
+    else:
+        entry = variant("faster", "keep", 61.412, 6.358, 89.647, [87.608, 91.35], 9.3017e-24,
+                        "keep, unconfirmed: the baseline is anomalous (baseline p50 61.4 ms is 2.9 x the usual 21 ms, "
+                        "outside 12.6-29.4 ms (median +- 4 robust deviations of the last 5 runs)), so the re-check "
+                        "cannot judge it; faster stays as it was and is re-checked on the next run (the rules said keep: "
+                        "p50 improved 89.6% (needs 10%), significant (p=9.3e-24); errors +0.00 points, p99 -70.2%)")
+        entry["anomalous"] = True
+    m = entry["metrics"]
+    return crafted_state(now, experiment="001_cache", description="test experiment 001_cache", design="switchback",
+                         kept_variant=None if outcome == "reverted" else "faster", variants=[entry],
+                         metrics={key: m[key] for key in ("base_p50_ms", "var_p50_ms", "base_err_pct", "var_err_pct")},
+                         baseline_p50_ms=m["base_p50_ms"], sweep=None, source={"name": "prober", "note": None},
+                         anomaly=anomaly() if outcome == "inconclusive" else None,
+                         recheck={"variant": "faster", "kept_at": iso(first), "kept_in": run_id(first - timedelta(minutes=1)),
+                                  "confirmed_at": None, "outcome": outcome})
+
+
+def sweep_state(now: datetime) -> dict:
+    """A switchback run of 003_knob's sweep over knob 1-6: knob_4 was no better than knob_3, so the walk stopped
+    there and kept knob_3."""
+    entries = [
+        variant("knob_1", "revert", 31.386, 46.155, -47.056, [-54.655, -39.831], 1.0,
+                "revert: p96.9 regressed 37.5% (at most 25% allowed; 31 of 32 requests slower than 37.3 ms, "
+                "Kolmogorov-Smirnov p=9.1e-14); p50 got 47.1% slower (needs a 10% improvement); not significant at "
+                "0.99 confidence at 33% of the horizon (p=1, needs <= 4.07e-06)"),
+        variant("knob_2", "revert", 31.789, 25.59, 19.5, [11.157, 27.06], 6.34024e-09,
+                "revert: it passes every rule, but knob_3 improved p50 more (19.5% against 69.5%)"),
+        variant("knob_3", "keep", 31.056, 9.589, 69.461, [64.417, 73.207], 1.48481e-08,
+                "keep: the best of the sweep's 4 values tried: p50 improved 69.5% (needs 10%), significant "
+                "(p=1.48e-08); errors +0.00 points, p99 -5.0%"),
+        variant("knob_4", "revert", 31.567, 19.039, 39.373, [37.13, 42.14], 3.30451e-11,
+                "revert: it passes every rule, but knob_3 improved p50 more (39.4% against 69.5%)")]
+    return crafted_state(now, experiment="003_knob", description=None, design="switchback", kept_variant="knob_3",
+                         metrics={"base_p50_ms": 31.056, "var_p50_ms": 9.589, "base_err_pct": 0.0, "var_err_pct": 0.0},
+                         variants=entries, baseline_p50_ms=31.338, anomaly=None, recheck=None,
+                         source={"name": "prober", "note": None},
+                         sweep={"name": "knob", "order": "ascending", "values": [f"knob_{i}" for i in range(1, 7)],
+                                "tried": 4, "best": "knob_3",
+                                "stopped": "knob_4 improves p50 by 42.1% at most (0.99 interval), less than knob_3 did "
+                                           "(69.5%): the walk stops (knob_5, knob_6 not tried)"})
+
+
+def history_line(state: dict, started: datetime) -> dict:
+    """A state's line in history.json (smart.py's HISTORY_KEYS; its variants without their verdicts)."""
+    keys = ("run_id", "experiment", "status", "kept_variant", "metrics", "reason", "design", "stopped_early",
+            "baseline_p50_ms", "anomaly", "recheck", "sweep", "source")
+    line = {key: state.get(key) for key in keys}
+    line.update(run_id=run_id(started), started_at=iso(started), finished_at=iso(started + timedelta(minutes=4)),
+                variants=[{key: v.get(key) for key in ("name", "decision", "reason", "borderline", "metrics")}
+                          for v in state["variants"]])
+    return line
+
+
+def adapting_history(now: datetime) -> dict:
+    """history.json: crafted_history's runs, then an anomalous run and the three outcomes of a re-check, with
+    history.json's `kept` (smart.py's kept_summary) for 001_cache's faster."""
+    history = crafted_history(now - timedelta(hours=3), runs=8)
+    for hours, state in ((2.5, anomaly_state(now)), (2, recheck_state(now, "confirmed")),
+                         (1.5, recheck_state(now, "inconclusive")), (1, recheck_state(now, "reverted"))):
+        history["runs"].append(history_line(state, now - timedelta(hours=hours)))
+    first = now - timedelta(days=8)
+    history["kept"] = {"001_cache": kept_entry(now, "faster", first, confirmed=now - timedelta(hours=2), rechecks=2)}
+    return history
+
+
+def kept_entry(now: datetime, name: str, since: datetime, confirmed=None, rechecks=0, recheck_days=7.0) -> dict:
+    """One experiment's entry in history.json's `kept` (smart.py's kept_summary)."""
+    due = (confirmed or since) + timedelta(days=recheck_days)
+    return {"variant": name, "since": iso(since), "run_id": run_id(since - timedelta(minutes=1)), "kept": True,
+            "age_days": round((now - since).total_seconds() / 86400, 2),
+            "confirmed_at": iso(confirmed) if confirmed else None, "rechecks": rechecks,
+            "next_recheck": iso(due) if recheck_days > 0 else None, "recheck_off": recheck_days <= 0}
+
+
 class Dom(html.parser.HTMLParser):
     """A serialized DOM: its tags, the visible text, the text inside each element that has an id, and
     every element with its attributes, text and parent (`elements`, in document order)."""
@@ -390,6 +506,10 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(dom.text_of("status-pill"), "done")
         self.assertIn("hidden", dom.attrs_of("banner"))    # fresh: no warning
         self.assertIn("hidden", dom.attrs_of("coach"))     # no coach in this state
+        self.assertIn("hidden", dom.attrs_of("kept"))      # a history.json without `kept` (before issue 17)
+        for absent in ("recheck", "anomaly", "sweep", "source"):
+            self.assertEqual(dom.attrs_of(absent), {}, absent)
+        self.assertNotRegex(dom.visible, r"re-check|anomal|sweep|measured with")
         hrefs = {attrs.get("href") for tag, attrs in dom.tags if tag == "a"}
         self.assertIn("runs/20261127T210947/", hrefs)
         self.assertIn("runs/20261127T210947/ofc_10000_decision.log", hrefs)
@@ -413,6 +533,7 @@ class BrowserTests(unittest.TestCase):
                                 ["errors", "0.00%", "0.00%", "0.00 pts"]])
         self.assertIn("kept workers_auto", dom.text_of("run-body"))
         self.assertIn("p50 −15.7% (faster)", dom.text_of("run-body"))
+        self.assertNotRegex(dom.visible, r"re-check|anomal|sweep|measured with")
         # with a variants list whose entries carry no metrics: the kept one's row shows the run's figures
         seed.update(metrics={"base_p50_ms": 45.2, "var_p50_ms": 47.9, "base_err_pct": 0.5, "var_err_pct": 1.75},
                     kept_variant="workers_2",
@@ -543,11 +664,180 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(shown.count((["bad"], "+12.3% (slower)")), 3)
         self.assertNotIn("within block pairs", dom.text_of("run-body"))     # both figures agree: no note
 
+    # -- issue 17: adapting after the first keep --
+    def test_a_recheck_run_says_what_it_rechecked_and_how_it_ended(self):
+        # a re-check of a kept variant once read as a fresh "kept faster", its outcome nowhere
+        now = datetime.now(timezone.utc)
+        meanings = {
+            "confirmed": "Confirmed: it still meets every rule against the baseline, so it stays applied.",
+            "reverted": "Reverted: its advantage is gone (it no longer meets the rules): it was reverted and the "
+                        "experiment is reopened.",
+            "inconclusive": "Inconclusive: the baseline was anomalous, so the re-check could not judge it: it stays "
+                            "applied as it was, unconfirmed, and is re-checked again."}
+        colours = {"confirmed": "good", "reverted": "bad", "inconclusive": "warn"}
+        when = r"\d{4}-\d\d-\d\d \d\d:\d\d"
+        for outcome, meaning in meanings.items():
+            with self.subTest(outcome=outcome):
+                state = recheck_state(now, outcome)
+                if outcome == "confirmed":          # confirmed once before
+                    state["recheck"]["confirmed_at"] = iso(now - timedelta(days=1))
+                _, dom = self.render(state=state)
+                self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                                 [(["big", colours[outcome]], f"re-check of faster: {outcome}")])
+                last = rf"{when}\." if outcome == "confirmed" else r"never \(its first re-check\)\."
+                self.assertRegex(dom.text_of("recheck"),
+                                 rf"^A re-check of faster, kept since {when} \(8 days ago\), first kept in run "
+                                 rf"{state['recheck']['kept_in']}; last confirmed {last}")
+                self.assertTrue(dom.text_of("recheck").endswith(meaning), dom.text_of("recheck"))
+                self.assertEqual([n["classes"] for n in dom.find("span", within="recheck") if dom.text_in(n) == meaning],
+                                 [[colours[outcome]]])
+                self.assertIn(f"runs/{state['recheck']['kept_in']}/", {a.get("href") for t, a in dom.tags if t == "a"})
+                self.assertNotIn("kept faster", dom.visible)
+        # interrupted: smart.py records "reverted", but no lost advantage
+        stopped = recheck_state(now, "reverted")
+        stopped.update(status="interrupted", reason="stopped by SIGTERM; faster reverted")
+        _, dom = self.render(state=stopped)
+        self.assertTrue(dom.text_of("recheck").endswith(
+            "Reverted: the re-check did not finish (interrupted; see the reason): it was reverted and the experiment is "
+            "reopened."), dom.text_of("recheck"))
+        self.assertNotIn("advantage", dom.text_of("run-body"))
+        running = recheck_state(now, "confirmed")
+        running["recheck"]["outcome"] = None
+        running.update(status="running", kept_variant=None, updated_at=iso(now),
+                       current={"variant": "faster", "step": "measuring", "ends_at": iso(now + timedelta(minutes=2))})
+        _, dom = self.render(state=running)
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                         [(["big", "dim"], "re-check of faster: in progress")])
+
+    def test_history_marks_rechecks_and_anomalous_runs_apart(self):
+        now = datetime.now(timezone.utc)
+        _, dom = self.render(state=recheck_state(now, "reverted"), history=adapting_history(now))
+        # the chart: a square per re-check in its outcome's colour, a dashed ring around each anomalous run
+        self.assertEqual([(n["attrs"]["class"], n["attrs"]["fill"]) for n in dom.find("rect", within="history-body")],
+                         [("recheck", "var(--good)"), ("recheck", "var(--warn)"), ("recheck", "var(--bad)")])
+        self.assertEqual(len(dom.find("circle", cls="anomaly", within="history-body")), 2)
+        self.assertEqual(len(dom.find("polygon", within="history-body")), 1)        # crafted_history's one keep
+        legend = dom.text_in(dom.find(cls="legend", within="history-body")[0])
+        self.assertIn("■■■ re-check of a kept variant: confirmed, reverted, inconclusive", legend)
+        self.assertIn("◌ anomalous baseline: the run kept nothing new", legend)
+        recent = [dom.text_in(n) for n in dom.find("li", within="history-body")][:4]
+        self.assertIn("001_cache re-check of faster: reverted · p50 46.0 → 45.9 ms", recent[0])
+        self.assertIn("001_cache re-check of faster: inconclusive anomaly · p50", recent[1])
+        self.assertIn("001_cache re-check of faster: confirmed · p50", recent[2])
+        self.assertIn("001_cache nothing kept anomaly · p50", recent[3])
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find("span", within="history-body")
+                          if dom.text_in(n).startswith("re-check of faster")],
+                         [(["bad"], "re-check of faster: reverted"), (["warn"], "re-check of faster: inconclusive"),
+                          (["good"], "re-check of faster: confirmed")])
+        # without a re-check or an anomaly in the history, no legend for them
+        _, dom = self.render(state=crafted_state(now), history=crafted_history(now))
+        self.assertNotIn("re-check", dom.text_of("history-body"))
+        self.assertNotIn("anomalous", dom.text_of("history-body"))
+
+    def test_kept_variants_show_their_age_confirmation_and_next_recheck(self):
+        now = datetime.now(timezone.utc)
+        history = crafted_history(now)
+        history["kept"] = {
+            "001_cache": kept_entry(now, "faster", now - timedelta(days=15), confirmed=now - timedelta(days=1), rechecks=2),
+            "003_knob": kept_entry(now, "knob_3", now - timedelta(hours=5)),
+            "005_gzip": kept_entry(now, "gzip_6", now - timedelta(days=9), rechecks=1),   # inconclusive, due again
+            "007_open_file_cache": kept_entry(now, "ofc_10000", now - timedelta(days=40), recheck_days=0)}
+        _, dom = self.render(state=crafted_state(now), history=history)
+        self.assertNotIn("hidden", dom.attrs_of("kept"))
+        entries = {}
+        for entry in dom.find("div", cls="kept-entry"):
+            below = [n for n in dom.elements if n["parent"] is entry or (n["parent"] and n["parent"]["parent"] is entry)]
+            entries[dom.text_in(below[0])] = dict(zip([dom.text_in(n) for n in below if n["tag"] == "dt"],
+                                                      [dom.text_in(n) for n in below if n["tag"] == "dd"]))
+        self.assertEqual(list(entries), ["001_cache: faster", "003_knob: knob_3", "005_gzip: gzip_6",
+                                         "007_open_file_cache: ofc_10000"])
+        when, run = r"\d{4}-\d\d-\d\d \d\d:\d\d", r"\d{8}T\d{6}"
+        for entry in entries.values():
+            self.assertEqual(list(entry), ["kept since", "last confirmed", "re-checks", "next re-check"])
+        cache, knob, gzip, ofc = entries.values()
+        self.assertRegex(cache["kept since"], rf"^{when} \(15 days ago\), first kept in run {run}$")
+        self.assertRegex(cache["last confirmed"], rf"^{when} \(by a re-check\)$")
+        self.assertEqual(cache["re-checks"], "2")
+        self.assertRegex(cache["next re-check"], rf"^{when} \(in 6 days\)$")
+        self.assertRegex(knob["kept since"], rf"^{when} \(5 h 0 min ago\), first kept in run {run}$")
+        self.assertEqual((knob["last confirmed"], knob["re-checks"]), ("never re-checked", "0"))
+        self.assertRegex(knob["next re-check"], rf"^{when} \(in 6 days\)$")
+        self.assertEqual((gzip["last confirmed"], gzip["re-checks"]), ("never: its re-checks were inconclusive", "1"))
+        self.assertRegex(gzip["next re-check"], rf"^{when} \(due: at the next timer run\)$")
+        self.assertRegex(ofc["kept since"], r"\(40 days ago\)")
+        self.assertEqual(ofc["next re-check"], "never: RECHECK_DAYS=0")
+        self.assertIn(f"runs/{history['kept']['003_knob']['run_id']}/", {a.get("href") for t, a in dom.tags if t == "a"})
+        history["kept"] = {}
+        _, dom = self.render(state=crafted_state(now), history=history)
+        self.assertEqual(dom.text_of("kept-body"), "nothing kept: every experiment is on its baseline")
+
+    def test_an_anomalous_baseline_warns_that_the_run_kept_nothing(self):
+        now = datetime.now(timezone.utc)
+        history = crafted_history(now, runs=6)
+        history["runs"].append(history_line(anomaly_state(now), now - timedelta(minutes=5)))
+        _, dom = self.render(state=anomaly_state(now), history=history)
+        self.assertEqual(dom.text_of("anomaly"), f"Anomalous baseline: {ANOMALY_TEXT}. This run kept nothing: a run "
+                                                 "under an anomaly keeps nothing, whatever its figures said. The box is "
+                                                 "not in its usual state.")
+        self.assertEqual(dom.attrs_of("anomaly").get("class"), "alert")
+        self.assertEqual([(n["classes"], dom.text_in(n)) for n in dom.find(cls="big", within="run-body")],
+                         [(["big", "dim"], "nothing kept")])
+        # the variant whose keep the anomaly turned into a revert is flagged, in the table and on the card
+        self.assertEqual(dom.rows("variants-body")[1][1][1], "revert anomalous baseline")
+        self.assertEqual([n["classes"] for n in dom.find("span", within="variants-body")
+                          if dom.text_in(n) == "anomalous baseline"], [["badge", "warn"]])
+        self.assertIn("p < 0.0001 · revert anomalous baseline", dom.text_of("run-body"))
+        # the history: a dashed ring around the run, a legend entry, a badge in the list
+        self.assertEqual(len(dom.find("circle", cls="anomaly", within="history-body")), 1)
+        self.assertIn("anomalous baseline: the run kept nothing", dom.text_of("history-body"))
+        self.assertIn("001_cache nothing kept anomaly", dom.text_in(dom.find("li", within="history-body")[0]))
+        # smart.py apply records an anomaly too, but judges harm only: the page does not say it kept nothing
+        applied = applied_state(now)
+        applied["anomaly"] = anomaly()
+        _, dom = self.render(state=applied)
+        self.assertEqual(dom.text_of("anomaly"), f"Anomalous baseline: {ANOMALY_TEXT}. smart.py apply checks for harm "
+                                                 "only: the anomaly did not change its decision.")
+
+    def test_the_source_the_verdicts_were_measured_with(self):
+        now = datetime.now(timezone.utc)
+        for source, shown in (({"name": "access-log", "note": None}, "measured with: visitors' requests (access log)"),
+                              ({"name": "measure.sh", "note": None}, "measured with: measure.sh"),
+                              ({"name": "prober", "note": THIN_NOTE}, "measured with: prober")):
+            with self.subTest(source=source["name"]):
+                _, dom = self.render(state=crafted_state(now, source=source))
+                self.assertEqual(dom.text_of("source"), shown)
+                notes = [n["classes"] for n in dom.find("p", within="run-body") if dom.text_in(n) == THIN_NOTE]
+                self.assertEqual(notes, [["reason", "warn"]] if source["note"] else [])
+
+    def test_a_sweep_shows_its_walk_the_best_and_why_it_stopped(self):
+        now = datetime.now(timezone.utc)
+        state = sweep_state(now)
+        history = crafted_history(now, runs=4)
+        history["runs"].append(history_line(state, now - timedelta(minutes=20)))
+        _, dom = self.render(state=state, history=history)
+        sweep = dom.text_of("sweep")
+        self.assertIn("sweep knob: a line search over its values in ascending order, 4 of 6 tried; best: knob_3", sweep)
+        self.assertIn("stopped: knob_4 improves p50 by 42.1% at most (0.99 interval), less than knob_3 did (69.5%): the "
+                      "walk stops (knob_5, knob_6 not tried)", sweep)
+        self.assertEqual([(dom.text_in(n), n["classes"][2:]) for n in dom.find(cls="chip", within="sweep")],
+                         [("knob_1", []), ("knob_2", []), ("knob_3", ["best"]), ("knob_4", []), ("knob_5", ["untried"]),
+                          ("knob_6", ["untried"])])
+        self.assertIn("green: the best value; dashed: not tried", sweep)
+        self.assertEqual(dom.find("b", within="sweep")[-1]["classes"], ["mono", "good"])
+        # the chart plots a run's own baseline p50 (the anomaly's figure), not its headline variant's
+        self.assertIn("003_knob: baseline p50 31.3 ms, kept knob_3", dom.text_in(dom.find("title", within="history-body")[-1]))
+        # a walk to the end: every value tried, none dashed
+        state["sweep"].update(tried=6, stopped=None)
+        _, dom = self.render(state=state)
+        self.assertIn("6 of 6 tried; best: knob_3", dom.text_of("sweep"))
+        self.assertIn("every value tried", dom.text_of("sweep"))
+        self.assertEqual([n for n in dom.find(cls="untried", within="sweep")], [])
+
     LAYOUT = """(() => {
       const vw = document.documentElement.clientWidth, box = e => e.getBoundingClientRect();
       return {
         width: vw, page_overflow: document.documentElement.scrollWidth - vw,
-        beyond: [...document.querySelectorAll("#now *, #run *, #variants *")].filter(e => box(e).right > vw + 0.5).map(e => e.tagName + "." + e.className),
+        beyond: [...document.querySelectorAll("#now *, #kept *, #run *, #variants *, #history .legend *")].filter(e => box(e).right > vw + 0.5).map(e => e.tagName + "." + e.className),
         hidden_sideways: [...document.querySelectorAll(".scroll")].map(e => e.scrollWidth - e.clientWidth),
         card: box(document.getElementById("variants-body")).width,
         reasons: [...document.querySelectorAll("#variants td.reason")].map(td => ({
@@ -569,7 +859,26 @@ class BrowserTests(unittest.TestCase):
                          "/etc/nginx/conf.d/compression-brotli-level-eleven-with-static-precompressed-assets.conf:12")
         broken["metrics"] = None
         state["variants"] = [errors, tail, broken] + state["variants"]
-        site = HomeServer(self, state=state, history=crafted_history(now))
+        # issue 17's parts at their longest: a re-check of a long-named variant under an anomaly, a sweep of
+        # long names that stopped, a note on the source, kept variants with long names
+        long_name = "open_file_cache_max_10000_inactive_120s_valid_60s_errors_on"
+        state.update(recheck={"variant": long_name, "kept_at": iso(now - timedelta(days=8)),
+                              "kept_in": "20261119T101500", "confirmed_at": None, "outcome": "inconclusive"},
+                     anomaly=anomaly("baseline p50 61 ms is 2.9 x the usual 21.1 ms, outside 12.7-29.6 ms (median +- 4 "
+                                     "robust deviations of the last 10 runs); /var/www/html/wp-content/cache/"
+                                     "supercache/example.org/index-https.html was missing"),
+                     source={"name": "prober", "note": THIN_NOTE.replace("the access log", "/var/log/nginx/smart-timing-example-org-with-a-long-name.log")},
+                     sweep={"name": "fastcgi_buffers_count", "order": "ascending", "tried": 5, "best": None,
+                            "values": [f"fastcgi_buffers_count_{2 ** i}_with_size_{4 * 2 ** i}k" for i in range(8)],
+                            "stopped": "fastcgi_buffers_count_16_with_size_64k did harm or failed (p99 regressed 41.2% "
+                                       "(at most 25% allowed; 9 of 300 requests slower than 76.2 ms, binomial against "
+                                       "1% p=0.0009)): the walk stops (fastcgi_buffers_count_32_with_size_128k, "
+                                       "fastcgi_buffers_count_64_with_size_256k, fastcgi_buffers_count_128_with_size_512k "
+                                       "not tried)"})
+        history = adapting_history(now)
+        history["kept"].update({"009_fastcgi_buffers_with_a_long_experiment_name": kept_entry(
+            now, long_name, now - timedelta(days=3)), "010_off": kept_entry(now, "x", now, recheck_days=0)})
+        site = HomeServer(self, state=state, history=history)
         browser = DevTools(self)
         for width in (390, 800, 1100, 1200):
             browser.open(site.url, width, ready="document.querySelector('#variants-body table') !== null")
@@ -599,8 +908,17 @@ class BrowserTests(unittest.TestCase):
         state["variants"][1]["name"] = '"><img src=x onerror=alert(1)>'
         state["variants"][1]["stopped_early"] = HOSTILE
         state["variants"][1]["blocks"] = [{"index": HOSTILE, "arm": HOSTILE, "p50_ms": 12.5}]
+        state.update(recheck={"variant": HOSTILE, "kept_at": HOSTILE, "kept_in": HOSTILE, "confirmed_at": HOSTILE,
+                              "outcome": HOSTILE},
+                     anomaly=anomaly(HOSTILE), source={"name": HOSTILE, "note": HOSTILE},
+                     sweep={"name": HOSTILE, "order": HOSTILE, "values": [HOSTILE], "tried": 1, "best": HOSTILE,
+                            "stopped": HOSTILE})
+        state["variants"][2]["anomalous"] = True
         history = crafted_history(now)
         history["runs"][-1].update(experiment=HOSTILE, run_id='x"><script>alert(1)</script>', kept_variant=HOSTILE)
+        history["runs"][-2].update(recheck={"variant": HOSTILE, "outcome": HOSTILE}, anomaly={"text": HOSTILE})
+        history["kept"] = {HOSTILE: {"variant": HOSTILE, "since": HOSTILE, "run_id": HOSTILE, "confirmed_at": HOSTILE,
+                                     "rechecks": HOSTILE, "next_recheck": HOSTILE, "recheck_off": False}}
         markup, dom = self.render(state=state, history=history)
         self.assertTrue("&lt;img" in markup, "the hostile <img> is not in the DOM as escaped text")
         self.assertTrue("&lt;script&gt;" in markup, "the hostile <script> is not in the DOM as escaped text")
@@ -610,6 +928,8 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(len([tag for tag, _ in dom.tags if tag == "script"]), 1)     # the page's own
         self.assertIn('revert: <img src=x onerror="document.body.dataset.pwned=1">', dom.text_of("variants-body"))
         self.assertIn("<script>document.body.dataset.pwned=2</script>", dom.text_of("coach-body"))
+        for part in ("recheck", "anomaly", "sweep", "source", "kept-body"):
+            self.assertIn('<img src=x onerror="document.body.dataset.pwned=1">', dom.text_of(part), part)
         self.assertNotIn("hidden", dom.attrs_of("coach"))
 
     def test_stale_state_warns(self):
@@ -686,6 +1006,15 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("hidden", dom.attrs_of("banner"))
         self.assertIn("nothing kept", dom.text_of("run-body"))
         self.assertIn("5", dom.text_of("variants-body"))
+        # issue 17's parts in odd shapes
+        state.update(recheck={"variant": 7, "outcome": 9}, anomaly={"text": None}, sweep={"values": "x", "tried": "3"},
+                     source={"name": 5})
+        history["runs"].append({"recheck": "x", "anomaly": [], "baseline_p50_ms": "9"})
+        history["kept"] = {"e": "junk", "f": {"since": 5, "rechecks": "2", "next_recheck": [], "age_days": "3"}}
+        _, dom = self.render(state=state, history=history)
+        self.assertIn("hidden", dom.attrs_of("banner"))
+        self.assertIn("re-check of 7: not finished", dom.text_of("run-body"))
+        self.assertIn("f: kept since", dom.text_of("kept-body"))
 
     def test_fleet_page_runs_under_the_policy(self):
         # www/fleet.html is served from www/ too; without a fleet.json beside it, it says so.
