@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import http.client
 import json
 import os
@@ -1032,6 +1033,28 @@ class HelperTest(unittest.TestCase):
         self.assertEqual(self.helper_run("set", "worker_processes", "auto")[0], 0)
         self.assertEqual(self.helper_run("reset", "worker_processes")[0], 0)
         self.assertEqual(self.conf(), edited)
+
+    def test_an_edit_cut_short_is_put_back_by_the_next_run(self):
+        # What a SIGKILL between writing nginx.conf and committing leaves: the state names the edit
+        # under way ("pending") and nginx.conf holds it, not reloaded.
+        original = self.conf()
+        self.assertEqual(self.helper_run("set", "worker_processes", "2")[0], 0)
+        committed = self.conf()
+        state_path = os.path.join(self.deployed.state_dir, "state.json")
+        state = json.loads(read_bytes(state_path))
+        half = committed.replace(b"worker_processes 2;", b"worker_processes auto;")
+        state["pending"] = {"changes": {"worker_processes": "auto"},
+                            "written": {self.nginx.conf: hashlib.sha256(half).hexdigest()}}
+        with open(state_path, "w") as handle:
+            json.dump(state, handle)
+        with open(self.nginx.conf, "wb") as handle:
+            handle.write(half)
+        code, out, err = self.helper_run("reset", "worker_processes")
+        self.assertEqual(code, 0, err)
+        self.assertIn("cut short", err)
+        self.assertEqual(self.conf(), original)
+        self.assertIsNone(json.loads(read_bytes(state_path))["pending"])
+        self.assertEqual(self.nginx.wait_workers(1), 1)
 
     def test_an_untrusted_config_is_refused(self):
         original = self.conf()
