@@ -495,7 +495,7 @@ if [[ ! -f $NGINX_CONF ]]; then
     warn "no $NGINX_CONF: probes are not kept out of the access log"
 elif ((DRY)); then
     say "would make $NGINX_CONF's http-level access_log conditional (if=\$smart_visitor) and install $PROBES"
-elif out=$("$TOOL_PYTHON" "$SRC/deploy/install_tool.py" access-log add "$NGINX_CONF" "$PROBES"); then
+elif ensure_dir "$(dirname "$PROBES")" 0755 && out=$("$TOOL_PYTHON" "$SRC/deploy/install_tool.py" access-log add "$NGINX_CONF" "$PROBES"); then
     log_dir=$("$TOOL_PYTHON" "$SRC/deploy/install_tool.py" access-log dir "$NGINX_CONF")
     cat >"$WORK/smart-probes.conf" <<EOF
 # $PROBES - installed by deploy/install.sh (smart.py); http context.

@@ -504,6 +504,36 @@ class InstallTest(unittest.TestCase):
         self.assertFalse(os.path.exists(self.path("var/lib/smart-nginx")))
         self.assertFalse(os.path.exists(self.path("var/lib/smart-php")))
 
+    def test_probes_snippet_and_conditional_access_log_round_trip(self):
+        logs = os.path.join(self.root, "logs")
+        os.makedirs(logs)
+        conf = (f"pid {self.root}/nginx.pid;\nerror_log {logs}/error.log;\nevents {{}}\nhttp {{\n"
+                f"\taccess_log {logs}/access.log;\n\taccess_log {logs}/other.log combined;\n\taccess_log off;\n"
+                f"\tinclude {self.root}/conf.d/*.conf;\n\tserver {{ listen 127.0.0.1:1; access_log {logs}/site.log; }}\n}}\n")
+        with open(self.nginx_conf, "w") as handle:
+            handle.write(conf)
+        result = self.install()
+        self.assertIn("made 2 access_log line(s) conditional", result.stdout)
+        edited = read_bytes(self.nginx_conf).decode()
+        self.assertIn(f"access_log {logs}/access.log combined if=$smart_visitor;", edited)
+        self.assertIn(f"access_log {logs}/other.log combined if=$smart_visitor;", edited)
+        self.assertIn("access_log off;", edited)
+        self.assertIn(f"access_log {logs}/site.log; }}", edited, "a server's own access_log is left alone")
+        probes = read_bytes(os.path.join(self.root, "conf.d", "smart-probes.conf")).decode()
+        self.assertIn("map $http_user_agent $smart_visitor {\n    ~^smart\\.py/ 0;\n    default 1;\n}", probes)
+        self.assertIn(f"access_log {logs}/smart-timing.log smart_timing if=$smart_visitor;", probes)
+        test = subprocess.run([need("nginx"), "-t", "-c", self.nginx_conf], capture_output=True, text=True, timeout=20)
+        self.assertEqual(test.returncode, 0, test.stderr)
+        again = self.install()
+        self.assertIn("access_log already conditional", again.stdout)
+        self.assertEqual(read_bytes(self.nginx_conf).decode(), edited)
+        done = uninstall(self.prefix)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(read_bytes(self.nginx_conf).decode(),
+                         conf.replace("other.log combined;", "other.log;"),
+                         "nginx.conf back (an explicit `combined` comes back as the default it names)")
+        self.assertFalse(os.path.exists(os.path.join(self.root, "conf.d", "smart-probes.conf")))
+
     def test_without_systemd_the_advice_is_cron_or_by_hand(self):
         result = self.install()
         self.assertNotIn("systemctl", result.stdout)
