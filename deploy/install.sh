@@ -7,10 +7,12 @@
 #   sudo deploy/install.sh --firewall [--ssh-port N]             also: ufw allows only SSH, 80, 443
 #
 # Idempotent: a second run changes nothing and says so; an upgrade replaces the code (smart.py,
-# www/, the shipped experiments, units, helper, sudoers, site) and keeps what is yours:
+# www/, the shipped experiments, units, helpers, sudoers, site) and keeps what is yours:
 # smart.conf is written once and never overwritten, var/ is never touched, a shipped experiment
-# file you edited is kept (the new version lands beside it as FILE.dist), and the helper's config
-# /etc/smart/nginx-helper.conf is kept unless --nginx-conf, --nginx-bin or --reload is given.
+# file you edited is kept (the new version lands beside it as FILE.dist), and the helpers' configs
+# /etc/smart/nginx-helper.conf and php-helper.conf are kept unless one of their options is given.
+# The sudoers drop-in is generated from what the installed experiments declare (meta.json
+# "helper" and "set"): run install.sh again after adding an experiment.
 #
 # With --prefix DIR every path lives under DIR (DIR/opt/smart, DIR/etc/..., DIR/usr/local/sbin)
 # and the installed files name those paths (the helper's fixed config path included); no user is
@@ -31,6 +33,17 @@ options:
   --nginx-bin FILE    the nginx binary the helper runs (default: nginx on PATH, else /usr/sbin/nginx)
   --reload MODE       how the helper reloads nginx: auto (systemctl when systemd runs nginx,
                       else nginx -s reload), systemd or signal (default auto)
+  --nginx-dropin FILE the helper's http-context drop-in (default: conf.d/zz-smart-tuning.conf
+                      beside nginx.conf)
+  --nginx-cache-dir DIR  the micro-cache's folder (default /var/cache/nginx/smart-micro)
+  --php-fpm-conf FILE the php-fpm.conf smart-php tests (default /etc/php/8.2/fpm/php-fpm.conf)
+  --php-fpm-bin FILE  the php-fpm binary (default /usr/sbin/php-fpm8.2)
+  --php-pool NAME     the pool smart-php tunes (default www)
+  --php-pool-dropin FILE  its pool drop-in (default pool.d/zz-smart.conf beside php-fpm.conf)
+  --php-ini-dropin FILE   its ini drop-in (default conf.d/99-smart.ini beside php-fpm.conf)
+  --php-pid-file FILE the master's pid file (default: php-fpm.conf's pid =)
+  --php-reload MODE   how smart-php reloads: auto (systemctl reload php8.2-fpm when systemd
+                      runs it, else SIGUSR2 to the master), systemd or signal (default auto)
   --no-start          install but do not enable the timer
   --firewall          also apply the firewall with ufw: allow the SSH port in use, 80/tcp and
                       443/tcp (and --port N), deny all other incoming, allow outgoing, enable
@@ -44,7 +57,8 @@ warn() { echo "install.sh: warning: $*" >&2; WARNINGS=$((WARNINGS + 1)); }
 say() { echo "  $*"; }
 
 PREFIX="" DRY=0 SERVER_NAME="" PORT=80 PYTHON=/usr/bin/python3 NO_START=0
-NGINX_CONF="" NGINX_BIN="" RELOAD="" HELPER_CONF_GIVEN=0 WARNINGS=0 PORT_FLAG=0
+NGINX_CONF="" NGINX_BIN="" RELOAD="" NGINX_DROPIN="" CACHE_DIR="" NGINX_CONF_GIVEN=0 WARNINGS=0 PORT_FLAG=0
+FPM_CONF="" FPM_BIN="" POOL="" POOL_DROPIN="" INI_DROPIN="" PID_FILE="" PHP_RELOAD="" PHP_CONF_GIVEN=0
 FIREWALL=0 SSH_PORTS=()
 while (($#)); do
     case "$1" in
@@ -53,9 +67,18 @@ while (($#)); do
         --server-name) SERVER_NAME=${2:?--server-name needs a name}; shift ;;
         --port) PORT=${2:?--port needs a number}; PORT_FLAG=1; shift ;;
         --python) PYTHON=${2:?--python needs a path}; shift ;;
-        --nginx-conf) NGINX_CONF=${2:?--nginx-conf needs a file}; HELPER_CONF_GIVEN=1; shift ;;
-        --nginx-bin) NGINX_BIN=${2:?--nginx-bin needs a file}; HELPER_CONF_GIVEN=1; shift ;;
-        --reload) RELOAD=${2:?--reload needs auto, systemd or signal}; HELPER_CONF_GIVEN=1; shift ;;
+        --nginx-conf) NGINX_CONF=${2:?--nginx-conf needs a file}; NGINX_CONF_GIVEN=1; shift ;;
+        --nginx-bin) NGINX_BIN=${2:?--nginx-bin needs a file}; NGINX_CONF_GIVEN=1; shift ;;
+        --reload) RELOAD=${2:?--reload needs auto, systemd or signal}; NGINX_CONF_GIVEN=1; shift ;;
+        --nginx-dropin) NGINX_DROPIN=${2:?--nginx-dropin needs a file}; NGINX_CONF_GIVEN=1; shift ;;
+        --nginx-cache-dir) CACHE_DIR=${2:?--nginx-cache-dir needs a folder}; NGINX_CONF_GIVEN=1; shift ;;
+        --php-fpm-conf) FPM_CONF=${2:?--php-fpm-conf needs a file}; PHP_CONF_GIVEN=1; shift ;;
+        --php-fpm-bin) FPM_BIN=${2:?--php-fpm-bin needs a file}; PHP_CONF_GIVEN=1; shift ;;
+        --php-pool) POOL=${2:?--php-pool needs a name}; PHP_CONF_GIVEN=1; shift ;;
+        --php-pool-dropin) POOL_DROPIN=${2:?--php-pool-dropin needs a file}; PHP_CONF_GIVEN=1; shift ;;
+        --php-ini-dropin) INI_DROPIN=${2:?--php-ini-dropin needs a file}; PHP_CONF_GIVEN=1; shift ;;
+        --php-pid-file) PID_FILE=${2:?--php-pid-file needs a file}; PHP_CONF_GIVEN=1; shift ;;
+        --php-reload) PHP_RELOAD=${2:?--php-reload needs auto, systemd or signal}; PHP_CONF_GIVEN=1; shift ;;
         --no-start) NO_START=1 ;;
         --firewall) FIREWALL=1 ;;
         --ssh-port) SSH_PORTS+=("${2:?--ssh-port needs a port number}"); shift ;;
@@ -71,11 +94,14 @@ if [[ -n $PREFIX ]]; then
     PREFIX=${PREFIX%/}
     [[ $PREFIX =~ $SAFE_PATH ]] || die "--prefix '$PREFIX': use a path of letters, digits and ._/+- only"
 fi
-for path in "$PYTHON" "${NGINX_CONF:-/x}" "${NGINX_BIN:-/x}"; do
+for path in "$PYTHON" "${NGINX_CONF:-/x}" "${NGINX_BIN:-/x}" "${NGINX_DROPIN:-/x}" "${CACHE_DIR:-/x}" \
+            "${FPM_CONF:-/x}" "${FPM_BIN:-/x}" "${POOL_DROPIN:-/x}" "${INI_DROPIN:-/x}" "${PID_FILE:-/x}"; do
     [[ $path =~ $SAFE_PATH ]] || die "'$path': use an absolute path of letters, digits and ._/+- only"
 done
 [[ $PORT =~ ^[1-9][0-9]{0,4}$ ]] && ((PORT <= 65535)) || die "--port '$PORT' is not a port number"
 [[ -z $RELOAD || $RELOAD =~ ^(auto|systemd|signal)$ ]] || die "--reload must be auto, systemd or signal"
+[[ -z $PHP_RELOAD || $PHP_RELOAD =~ ^(auto|systemd|signal)$ ]] || die "--php-reload must be auto, systemd or signal"
+[[ -z $POOL || $POOL =~ ^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$ ]] || die "--php-pool '$POOL': letters, digits and ._@- only"
 for port in ${SSH_PORTS[@]+"${SSH_PORTS[@]}"}; do
     [[ $port =~ ^[1-9][0-9]{0,4}$ ]] && ((port <= 65535)) || die "--ssh-port '$port' is not a port number"
 done
@@ -91,6 +117,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/layout.sh"
 [[ -n $NGINX_CONF ]] || NGINX_CONF=$NGINX_DIR/nginx.conf
 [[ -n $NGINX_BIN ]] || NGINX_BIN=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
 [[ -n $RELOAD ]] || RELOAD=auto
+[[ -n $NGINX_DROPIN ]] || NGINX_DROPIN=$(dirname "$NGINX_CONF")/conf.d/zz-smart-tuning.conf
+[[ -n $CACHE_DIR ]] || CACHE_DIR=$NGINX_CACHE_DIR
+[[ -n $FPM_CONF ]] || FPM_CONF=$PHP_DIR/php-fpm.conf
+[[ -n $FPM_BIN ]] || FPM_BIN=$(command -v php-fpm8.2 2>/dev/null || echo /usr/sbin/php-fpm8.2)
+[[ -n $POOL ]] || POOL=www
+[[ -n $POOL_DROPIN ]] || POOL_DROPIN=$(dirname "$FPM_CONF")/pool.d/zz-smart.conf
+[[ -n $INI_DROPIN ]] || INI_DROPIN=$(dirname "$FPM_CONF")/conf.d/99-smart.ini
+[[ -n $PHP_RELOAD ]] || PHP_RELOAD=auto
 if [[ -z $PREFIX && ! -d $NGINX_DIR/sites-available && -d $NGINX_DIR/conf.d ]]; then
     SITE=$NGINX_DIR/conf.d/smart.conf SITE_LINK=""            # upstream nginx packages: conf.d only
 else
@@ -127,6 +161,7 @@ NGINX_OK=1
 [[ -x $NGINX_BIN ]] || NGINX_OK=0
 if ((REAL)) && ((!NGINX_OK)); then die "nginx not found; apt-get install -y nginx"; fi
 VISUDO=$(command -v visudo 2>/dev/null || true)
+TOOL_PYTHON=$PYTHON; [[ -x $TOOL_PYTHON ]] || TOOL_PYTHON=$(command -v python3 || echo /usr/bin/python3)
 if ((REAL)) && [[ -z $VISUDO ]]; then die "visudo not found (package sudo); apt-get install -y sudo"; fi
 
 # The firewall (--firewall): which SSH port(s) must stay open, decided before anything changes.
@@ -275,8 +310,10 @@ conffile() {   # conffile SRC DEST MODE REL: update only when you have not edite
 render() {   # render SRC NAME: a copy of SRC in $WORK with the real paths replaced by the prefixed ones
     local out=$WORK/$2
     sed -e "s#/opt/smart#$OPT#g" \
-        -e "s#/usr/local/sbin/smart-nginx#$HELPER#g" \
-        -e "s#/etc/smart/nginx-helper.conf#$HELPER_CONF#g" \
+        -e "s#/usr/local/sbin/smart-nginx#$NGINX_HELPER#g" \
+        -e "s#/etc/smart/nginx-helper.conf#$NGINX_HELPER_CONF#g" \
+        -e "s#/usr/local/sbin/smart-php#$PHP_HELPER#g" \
+        -e "s#/etc/smart/php-helper.conf#$PHP_HELPER_CONF#g" \
         "$1" >"$out"
     echo "$out"
 }
@@ -325,43 +362,91 @@ own_dir "$OPT/var" 0755 smart:smart
 # a run started by hand as root leaves root-owned files the service cannot replace
 ((REAL)) && ((!DRY)) && chown -R smart:smart "$OPT/var"
 
-# --- 3. the helper, its root-owned config, and its backup folder ------------------------------
-ensure_dir "$(dirname "$HELPER")" 0755
-sed "s#^CONFIG = \"/etc/smart/nginx-helper.conf\"\$#CONFIG = \"$HELPER_CONF\"#" \
-    "$SRC/deploy/smart-nginx" >"$WORK/smart-nginx"
-grep -qx "CONFIG = \"$HELPER_CONF\"" "$WORK/smart-nginx" ||
-    die "deploy/smart-nginx has no line CONFIG = \"/etc/smart/nginx-helper.conf\" to point at $HELPER_CONF"
-put "$WORK/smart-nginx" "$HELPER" 0755
-own_dir "$(dirname "$HELPER_CONF")" 0755 root:root
+# --- 3. the helpers, their root-owned configs, and their state folders ---------------------
+ensure_dir "$(dirname "$NGINX_HELPER")" 0755
+own_dir "$(dirname "$NGINX_HELPER_CONF")" 0755 root:root
+install_helper() {   # install_helper NAME DEST CONF: the helper with its fixed CONFIG line pointing at CONF
+    local name=$1 dest=$2 conf=$3
+    sed "s#^CONFIG = \"/etc/smart/$name-helper.conf\"\$#CONFIG = \"$conf\"#" \
+        "$SRC/deploy/smart-$name" >"$WORK/smart-$name"
+    grep -qx "CONFIG = \"$conf\"" "$WORK/smart-$name" ||
+        die "deploy/smart-$name has no line CONFIG = \"/etc/smart/$name-helper.conf\" to point at $conf"
+    put "$WORK/smart-$name" "$dest" 0755
+}
+helper_conf() {   # helper_conf RENDERED DEST GIVEN OPTIONS: write the config, or keep the one there
+    local rendered=$1 dest=$2 given=$3 options=$4
+    if [[ -e $dest ]] && ((!given)); then
+        say "kept $dest (pass $options to rewrite it)"
+        ((DRY)) || { chmod 0644 "$dest"; ((REAL)) && chown root:root "$dest"; true; }
+    else
+        put "$rendered" "$dest" 0644
+    fi
+}
+install_helper nginx "$NGINX_HELPER" "$NGINX_HELPER_CONF"
 cat >"$WORK/nginx-helper.conf" <<EOF
-# $HELPER_CONF - read by $HELPER (which runs as root) and by nobody's
+# $NGINX_HELPER_CONF - read by $NGINX_HELPER (which runs as root) and by nobody's
 # environment: the helper's path to this file is fixed in the helper itself.  Root-owned, not
 # writable by anyone else (the helper refuses to run otherwise).  Written by deploy/install.sh.
 #
-# The nginx.conf whose worker_processes the helper edits (backed up first, tested, reloaded):
+# The nginx.conf whose main and events settings (worker_processes, worker_connections) the helper
+# edits in place, and whose nginx -t it runs:
 NGINX_CONF=$NGINX_CONF
 # The nginx binary that tests (nginx -t) and, with RELOAD=signal, reloads:
 NGINX_BIN=$NGINX_BIN
 # How to reload: systemd (systemctl reload nginx), signal (nginx -s reload -c NGINX_CONF), or
 # auto (systemd when systemd is running and nginx is active under it, else signal):
 RELOAD=$RELOAD
-# Where the helper keeps the backup of nginx.conf that restore puts back (root, 0700):
-STATE_DIR=$HELPER_STATE
+# The one http-context file of the helper's own (open_file_cache, microcache, ssl_session_*); it
+# must be included by nginx.conf's http block (Debian's include /etc/nginx/conf.d/*.conf is):
+DROPIN=$NGINX_DROPIN
+# The micro-cache's folder (created root-owned when missing; nginx gives it to its worker user):
+CACHE_DIR=$CACHE_DIR
+# The helper's state, the nginx.conf from before its first edit, and its lock (root, 0700):
+STATE_DIR=$NGINX_HELPER_STATE
 EOF
-if [[ -e $HELPER_CONF ]] && ((!HELPER_CONF_GIVEN)); then
-    say "kept $HELPER_CONF (pass --nginx-conf/--nginx-bin/--reload to rewrite it)"
-    kept_conf=$(sed -n 's/^NGINX_CONF=//p' "$HELPER_CONF" | tail -n 1)
+helper_conf "$WORK/nginx-helper.conf" "$NGINX_HELPER_CONF" "$NGINX_CONF_GIVEN" \
+    "--nginx-conf/--nginx-bin/--reload/--nginx-dropin/--nginx-cache-dir"
+if [[ -e $NGINX_HELPER_CONF ]] && ((!NGINX_CONF_GIVEN)); then
+    kept_conf=$(sed -n 's/^NGINX_CONF=//p' "$NGINX_HELPER_CONF" | tail -n 1)
     NGINX_CONF=${kept_conf:-$NGINX_CONF}
-    ((DRY)) || { chmod 0644 "$HELPER_CONF"; ((REAL)) && chown root:root "$HELPER_CONF"; true; }
-else
-    put "$WORK/nginx-helper.conf" "$HELPER_CONF" 0644
 fi
-own_dir "$HELPER_STATE" 0700 root:root
-[[ -e $NGINX_CONF ]] || warn "$NGINX_CONF does not exist yet: the helper will fail until it does"
+own_dir "$NGINX_HELPER_STATE" 0700 root:root
+[[ -e $NGINX_CONF ]] || warn "$NGINX_CONF does not exist yet: smart-nginx will fail until it does"
 
-# --- 4. sudoers: only the helper, only fixed argument vectors, checked by visudo first ---------
+install_helper php "$PHP_HELPER" "$PHP_HELPER_CONF"
+cat >"$WORK/php-helper.conf" <<EOF
+# $PHP_HELPER_CONF - read by $PHP_HELPER (which runs as root) and by nobody's
+# environment: the helper's path to this file is fixed in the helper itself.  Root-owned, not
+# writable by anyone else (the helper refuses to run otherwise).  Written by deploy/install.sh.
+#
+# The php-fpm.conf the helper tests (php-fpm -t --fpm-config) and reads (its include= and pid =):
+FPM_CONF=$FPM_CONF
+# The php-fpm binary:
+FPM_BIN=$FPM_BIN
+# The pool whose pm.* settings the helper sets, in its own pool drop-in (read after the others):
+POOL=$POOL
+POOL_DROPIN=$POOL_DROPIN
+# Its ini drop-in (opcache.*, realpath_cache_*), in the folder PHP scans for *.ini:
+INI_DROPIN=$INI_DROPIN
+# The master's pid file (empty: php-fpm.conf's pid =):
+PID_FILE=$PID_FILE
+# How to reload: systemd (systemctl reload SERVICE), signal (SIGUSR2 to the master), or auto
+# (systemd when systemd is running and SERVICE is active under it, else signal):
+RELOAD=$PHP_RELOAD
+SERVICE=php8.2-fpm
+# The helper's state and its lock (root, 0700):
+STATE_DIR=$PHP_HELPER_STATE
+EOF
+helper_conf "$WORK/php-helper.conf" "$PHP_HELPER_CONF" "$PHP_CONF_GIVEN" "--php-fpm-conf and the other --php-* options"
+own_dir "$PHP_HELPER_STATE" 0700 root:root
+
+# --- 4. sudoers: only the helpers, only the experiments' exact vectors, checked by visudo first -
 ensure_dir "$(dirname "$SUDOERS")" 0755
-sudoers_src=$(render "$SRC/deploy/sudoers/smart-server" smart-server)
+sudoers_src=$WORK/smart-server
+experiments=$OPT/experiments
+((DRY)) && [[ ! -d $experiments ]] && experiments=$SRC/experiments    # what would be installed
+"$TOOL_PYTHON" "$SRC/deploy/install_tool.py" sudoers smart "$experiments" "$NGINX_HELPER" "$PHP_HELPER" \
+    >"$sudoers_src" || die "the sudoers drop-in could not be generated (above); the installed one is unchanged"
 if [[ -n $VISUDO ]]; then
     "$VISUDO" -cf "$sudoers_src" >/dev/null || die "visudo rejected the sudoers drop-in; nothing installed"
     say "visudo -cf: sudoers drop-in parsed OK"
@@ -397,6 +482,51 @@ if [[ -n $SITE_LINK ]]; then
         act "link $SITE_LINK -> $SITE" ln -sfn "$SITE" "$SITE_LINK"
     fi
 fi
+
+# Probes out of the access log: smart.py's requests carry User-Agent: smart.py/VERSION; a conf.d
+# snippet maps them to $smart_visitor = 0, nginx.conf's http-level access_log lines get
+# if=$smart_visitor, and real traffic also goes to smart-timing.log for later use.
+PROBES=$(dirname "$NGINX_CONF")/conf.d/smart-probes.conf
+conf_before=""
+[[ -f $NGINX_CONF ]] && { conf_before=$WORK/nginx.conf.before; cp -p "$NGINX_CONF" "$conf_before"; }
+probes_before=""
+[[ -f $PROBES ]] && { probes_before=$WORK/probes.before; cp -p "$PROBES" "$probes_before"; }
+if [[ ! -f $NGINX_CONF ]]; then
+    warn "no $NGINX_CONF: probes are not kept out of the access log"
+elif ((DRY)); then
+    say "would make $NGINX_CONF's http-level access_log conditional (if=\$smart_visitor) and install $PROBES"
+elif ensure_dir "$(dirname "$PROBES")" 0755 && out=$("$TOOL_PYTHON" "$SRC/deploy/install_tool.py" access-log add "$NGINX_CONF" "$PROBES"); then
+    log_dir=$("$TOOL_PYTHON" "$SRC/deploy/install_tool.py" access-log dir "$NGINX_CONF")
+    cat >"$WORK/smart-probes.conf" <<EOF
+# $PROBES - installed by deploy/install.sh (smart.py); http context.
+#
+# smart.py's probes send User-Agent: smart.py/VERSION.  \$smart_visitor is 0 for them and 1 for
+# everyone else; install.sh made nginx.conf's http-level access_log conditional on it
+# (if=\$smart_visitor), so the probes stay out of access.log.  An access_log of your own in a
+# server or location block replaces those and logs the probes too, unless you add if=\$smart_visitor.
+map \$http_user_agent \$smart_visitor {
+    ~^smart\.py/ 0;
+    default 1;
+}
+
+# Real traffic only, one line a request, for later use: when (epoch), seconds taken, status, the
+# request, and the micro-cache's verdict (HIT, MISS, BYPASS...; - where there is no cache).
+log_format smart_timing '\$msec \$request_time \$status "\$request_method \$request_uri" \$upstream_cache_status';
+access_log ${log_dir:-$NGINX_LOG_DIR}/smart-timing.log smart_timing if=\$smart_visitor;
+EOF
+    [[ $out == unchanged ]] && say "unchanged $NGINX_CONF (access_log already conditional)" || say "$out in $NGINX_CONF"
+    ensure_dir "${log_dir:-$NGINX_LOG_DIR}" 0755
+    put "$WORK/smart-probes.conf" "$PROBES" 0644
+elif [[ $? == 3 ]]; then
+    warn "$out: probes are not kept out of the access log, and smart-nginx's drop-in would not be read"
+else
+    die "could not make $NGINX_CONF's access_log conditional: $out"
+fi
+put_nginx_back() {   # the site, the probes snippet and nginx.conf as they were before this run
+    if [[ -n $site_before ]]; then cp "$site_before" "$SITE"; else rm -f "$SITE" ${SITE_LINK:+"$SITE_LINK"}; fi
+    if [[ -n $probes_before ]]; then cp -p "$probes_before" "$PROBES"; else rm -f "$PROBES"; fi
+    [[ -z $conf_before ]] || cp -p "$conf_before" "$NGINX_CONF"
+}
 reload_nginx() {   # 0 reloaded, 1 the reload failed, 3 nginx is not running
     local out
     if ((HAVE_SYSTEMD)) && systemctl is-active --quiet nginx; then
@@ -409,9 +539,9 @@ reload_nginx() {   # 0 reloaded, 1 the reload failed, 3 nginx is not running
 }
 if ((REAL)) && ((!DRY)); then
     if ! out=$("$NGINX_BIN" -t 2>&1); then
-        # Leave nginx as it was: the previous site file, or none.
-        if [[ -n $site_before ]]; then cp "$site_before" "$SITE"; else rm -f "$SITE" ${SITE_LINK:+"$SITE_LINK"}; fi
-        die "nginx -t failed with the dashboard site; it was taken back out:
+        put_nginx_back     # leave nginx as it was
+        die "nginx -t failed with the dashboard site and the probes' snippet; nginx.conf, the site and the
+    snippet were put back as they were:
 $out"
     fi
     say "nginx -t: ok"
@@ -473,6 +603,17 @@ fi
 if ((!DRY)); then
     cp "$NEW_MANIFEST" "$MANIFEST"
     chmod 0644 "$MANIFEST"
+fi
+
+# --- which helpers can work here -----------------------------------------------------------
+if ((!DRY)); then
+    for helper in "$NGINX_HELPER" "$PHP_HELPER"; do
+        if out=$("$helper" test 2>&1); then
+            say "$(basename "$helper"): usable here ($(tail -n 1 <<<"$out"))"
+        else
+            say "$(basename "$helper"): not usable here: $(grep -v '^$' <<<"$out" | tail -n 1)"
+        fi
+    done
 fi
 
 # --- done ----------------------------------------------------------------------------------

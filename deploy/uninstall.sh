@@ -7,21 +7,23 @@
 # TimeoutStopSec).  A run that does not end in that time stops the uninstall, --force or not: the
 # helper is never removed under a live run.  Then `smart.py recover` reverts what an interrupted
 # run left applied; if that fails, nothing is removed (--force removes anyway).  A variant that an
-# experiment *kept* stays applied: it was an improvement.  The nginx.conf from before it is the
-# helper's backup, /var/lib/smart-nginx/nginx.conf.backup, kept unless --purge.
+# experiment *kept* stays applied: it was an improvement.  What the helpers need to reset it
+# (/var/lib/smart-nginx with the nginx.conf from before it, /var/lib/smart-php) is kept unless
+# --purge.  The probes' snippet goes, and nginx.conf's access_log loses its if=$smart_visitor.
 set -euo pipefail
 
 usage() {
     cat <<'EOF'
 usage: deploy/uninstall.sh [--dry-run] [--purge] [--force] [--wait S] [--prefix DIR]
 
-Remove what deploy/install.sh installed: the units, the sudoers drop-in, the helper, the nginx
-site and the code in /opt/smart.  Kept: /opt/smart/var, smart.conf, your own experiments and the
-helper's nginx.conf backup.  A live run is stopped first (SIGTERM: it reverts) and waited for.
+Remove what deploy/install.sh installed: the units, the sudoers drop-in, the helpers, the nginx
+site, the probes' snippet (and nginx.conf's if=$smart_visitor) and the code in /opt/smart.  Kept:
+/opt/smart/var, smart.conf, your own experiments and the helpers' state (the nginx.conf from before
+a kept variant).  A live run is stopped first (SIGTERM: it reverts) and waited for.
 
 options:
   --dry-run      print each action; change nothing (no root needed)
-  --purge        also remove /opt/smart/var, smart.conf, the helper's backup and the smart user
+  --purge        also remove /opt/smart/var, smart.conf, the helpers' state and the smart user
   --force        remove even when `smart.py recover` fails (then check nginx.conf yourself);
                  never while a run still holds the lock
   --wait S       seconds to wait for a stopped run to revert and exit (default 90)
@@ -127,7 +129,7 @@ if [[ -f $OPT/var/applied.json && -f $OPT/smart.py ]]; then
     elif "${recover[@]}"; then
         say "reverted what an interrupted run left applied"
     elif ((FORCE)); then
-        warn "smart.py recover failed; removing anyway (--force): check nginx.conf against $HELPER_STATE/nginx.conf.backup"
+        warn "smart.py recover failed; removing anyway (--force): check nginx.conf against $NGINX_HELPER_STATE/nginx.conf.original and the helpers' drop-ins"
     else
         die "smart.py recover failed: a variant may still be applied.  Fix it first (python3 $OPT/smart.py doctor), or rerun with --force"
     fi
@@ -142,16 +144,36 @@ fi
 # --- 2. units, sudoers, helper -----------------------------------------------------------------
 remove "$UNITS/smart-experiment.timer" "$UNITS/smart-experiment.service"
 if ((HAVE_SYSTEMD)); then act "systemctl daemon-reload" systemctl daemon-reload; fi
-remove "$SUDOERS" "$HELPER" "$HELPER_CONF"
-remove_dir_if_empty "$(dirname "$HELPER_CONF")"
-if ((PURGE)); then
-    if [[ -d $HELPER_STATE ]]; then act "remove $HELPER_STATE (the helper's nginx.conf backup)" rm -rf "$HELPER_STATE"; fi
-elif [[ -d $HELPER_STATE ]]; then
-    say "kept $HELPER_STATE (the nginx.conf from before any kept variant; --purge removes it)"
+# The nginx.conf the helper was given (its config says), for the access_log and the probes below.
+NGINX_CONF=$NGINX_DIR/nginx.conf
+if [[ -f $NGINX_HELPER_CONF ]]; then
+    kept_conf=$(sed -n 's/^NGINX_CONF=//p' "$NGINX_HELPER_CONF" | tail -n 1)
+    NGINX_CONF=${kept_conf:-$NGINX_CONF}
 fi
+remove "$SUDOERS" "$NGINX_HELPER" "$NGINX_HELPER_CONF" "$PHP_HELPER" "$PHP_HELPER_CONF"
+remove_dir_if_empty "$(dirname "$NGINX_HELPER_CONF")"
+for state in "$NGINX_HELPER_STATE" "$PHP_HELPER_STATE"; do
+    if ((PURGE)); then
+        if [[ -d $state ]]; then act "remove $state (the helper's state)" rm -rf "$state"; fi
+    elif [[ -d $state ]]; then
+        say "kept $state (what the helper needs to reset a kept variant; --purge removes it)"
+    fi
+done
 
-# --- 3. the nginx site -------------------------------------------------------------------------
+# --- 3. the nginx site and the probes' snippet -------------------------------------------------
 site_removed=0
+PROBES=$(dirname "$NGINX_CONF")/conf.d/smart-probes.conf
+if [[ -f $NGINX_CONF ]] && grep -q 'if=\$smart_visitor' "$NGINX_CONF"; then
+    if ((DRY)); then
+        say "would take if=\$smart_visitor off $NGINX_CONF's access_log lines"
+    else
+        out=$(python3 "$(dirname "${BASH_SOURCE[0]}")/install_tool.py" access-log remove "$NGINX_CONF" "$PROBES") ||
+            warn "could not take if=\$smart_visitor off $NGINX_CONF's access_log: $out (do it by hand before nginx -t)"
+        say "$out in $NGINX_CONF"
+    fi
+    site_removed=1
+fi
+if [[ -e $PROBES ]]; then remove "$PROBES"; site_removed=1; fi
 for path in "$NGINX_DIR/sites-enabled/smart" "$NGINX_DIR/sites-available/smart" "$NGINX_DIR/conf.d/smart.conf" \
             "$NGINX_DIR/sites-available/smart.dist" "$NGINX_DIR/conf.d/smart.conf.dist"; do
     if [[ -e $path || -L $path ]]; then remove "$path"; site_removed=1; fi

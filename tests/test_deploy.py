@@ -1,6 +1,7 @@
-"""The deployment (issue 6): deploy/install.sh into a temporary prefix, the sudoers drop-in, the systemd
-units, the root-owned nginx helper deploy/smart-nginx against a real nginx on loopback, and the
-dashboard's nginx site.
+"""The deployment (issue 6): deploy/install.sh into a temporary prefix, the sudoers drop-in generated
+from the installed experiments, the systemd units, the root-owned nginx helper deploy/smart-nginx's
+in-place names against a real nginx on loopback, and the dashboard's nginx site.  (Both helpers'
+every name against a real nginx + PHP-FPM + WordPress stack: tests/test_helpers.py.)
 
 A real nginx runs from a temporary nginx.conf (`daemon off`, a child of the test, on a port the OS
 picked) and is reloaded by `nginx -s reload -c CONF`, as on a box without systemd; it stops in
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import http.client
 import json
 import os
@@ -367,13 +369,15 @@ class InstallTest(unittest.TestCase):
             "etc/systemd/system/smart-experiment.service", "etc/systemd/system/smart-experiment.timer",
             "etc/sudoers.d/smart-server", "usr/local/sbin/smart-nginx", "etc/smart/nginx-helper.conf",
             "var/lib/smart-nginx/", "etc/nginx/sites-available/smart", "etc/nginx/sites-enabled/smart",
+            "usr/local/sbin/smart-php", "etc/smart/php-helper.conf", "var/lib/smart-php/",
         }
         found = tree(self.prefix)
         self.assertFalse(expected - found, f"missing after install: {sorted(expected - found)}")
         modes = {
             "opt/smart/smart.py": 0o755, "opt/smart/smart.conf": 0o640, "etc/sudoers.d/smart-server": 0o440,
             "usr/local/sbin/smart-nginx": 0o755, "etc/smart/nginx-helper.conf": 0o644,
-            "var/lib/smart-nginx": 0o700, "opt/smart/var": 0o755,
+            "var/lib/smart-nginx": 0o700, "opt/smart/var": 0o755, "usr/local/sbin/smart-php": 0o755,
+            "etc/smart/php-helper.conf": 0o644, "var/lib/smart-php": 0o700,
             "opt/smart/experiments/001_nginx_workers/apply.sh": 0o755,
         }
         for rel, mode in modes.items():
@@ -388,17 +392,29 @@ class InstallTest(unittest.TestCase):
         self.assertEqual(read_bytes(self.path("opt/smart/smart.conf")),
                          read_bytes(os.path.join(DEPLOY, "smart.conf.example")))
         # The helper's fixed config path now names the prefix's copy, and nothing else changed.
-        helper = read_bytes(self.path("usr/local/sbin/smart-nginx")).decode()
+        for name in ("nginx", "php"):
+            helper = read_bytes(self.path(f"usr/local/sbin/smart-{name}")).decode()
+            config_path = self.path(f"etc/smart/{name}-helper.conf")
+            self.assertIn(f'\nCONFIG = "{config_path}"\n', helper)
+            self.assertEqual(helper.replace(config_path, f"/etc/smart/{name}-helper.conf"),
+                             read_bytes(os.path.join(DEPLOY, f"smart-{name}")).decode())
+            self.assertTrue(helper.startswith("#!/usr/bin/python3 -I\n"))
         config_path = self.path("etc/smart/nginx-helper.conf")
-        self.assertIn(f'\nCONFIG = "{config_path}"\n', helper)
-        self.assertEqual(helper.replace(config_path, "/etc/smart/nginx-helper.conf"),
-                         read_bytes(os.path.join(DEPLOY, "smart-nginx")).decode())
-        self.assertTrue(helper.startswith("#!/usr/bin/python3 -I\n"))
         with open(config_path) as handle:
             settings = dict(line.strip().split("=", 1) for line in handle if "=" in line and not line.startswith("#"))
         self.assertEqual(settings["NGINX_CONF"], self.nginx_conf)
         self.assertEqual(settings["RELOAD"], "signal")
         self.assertEqual(settings["STATE_DIR"], self.path("var/lib/smart-nginx"))
+        self.assertEqual(settings["DROPIN"], os.path.join(self.root, "conf.d", "zz-smart-tuning.conf"))
+        self.assertEqual(settings["CACHE_DIR"], self.path("var/cache/nginx/smart-micro"))
+        with open(self.path("etc/smart/php-helper.conf")) as handle:
+            php = dict(line.strip().split("=", 1) for line in handle if "=" in line and not line.startswith("#"))
+        self.assertEqual(php, {"FPM_CONF": self.path("etc/php/8.2/fpm/php-fpm.conf"), "FPM_BIN": php["FPM_BIN"],
+                               "POOL": "www", "POOL_DROPIN": self.path("etc/php/8.2/fpm/pool.d/zz-smart.conf"),
+                               "INI_DROPIN": self.path("etc/php/8.2/fpm/conf.d/99-smart.ini"), "PID_FILE": "",
+                               "RELOAD": "auto", "SERVICE": "php8.2-fpm", "STATE_DIR": self.path("var/lib/smart-php")})
+        # no php-fpm.conf in the prefix: the install says smart-php cannot work here
+        self.assertIn("smart-php: not usable here", result.stdout)
         # The units and the site name the prefix's paths.
         service = unit_settings(self.path("etc/systemd/system/smart-experiment.service"))
         self.assertEqual(service["ExecStart"], [f"/usr/bin/python3 {self.path('opt/smart/smart.py')} run"])
@@ -479,12 +495,44 @@ class InstallTest(unittest.TestCase):
         self.assertIn("opt/smart/smart.conf", left)
         for gone in ("opt/smart/smart.py", "opt/smart/www/", "opt/smart/experiments/", "usr/local/sbin/smart-nginx",
                      "etc/sudoers.d/smart-server", "etc/smart/nginx-helper.conf", "etc/nginx/sites-enabled/smart",
+                     "usr/local/sbin/smart-php", "etc/smart/php-helper.conf",
                      "etc/systemd/system/smart-experiment.service", "etc/systemd/system/smart-experiment.timer"):
             self.assertNotIn(gone, left)
         purge = uninstall(self.prefix, "--purge")
         self.assertEqual(purge.returncode, 0, purge.stderr)
         self.assertFalse(os.path.exists(self.path("opt/smart")))
         self.assertFalse(os.path.exists(self.path("var/lib/smart-nginx")))
+        self.assertFalse(os.path.exists(self.path("var/lib/smart-php")))
+
+    def test_probes_snippet_and_conditional_access_log_round_trip(self):
+        logs = os.path.join(self.root, "logs")
+        os.makedirs(logs)
+        conf = (f"pid {self.root}/nginx.pid;\nerror_log {logs}/error.log;\nevents {{}}\nhttp {{\n"
+                f"\taccess_log {logs}/access.log;\n\taccess_log {logs}/other.log combined;\n\taccess_log off;\n"
+                f"\tinclude {self.root}/conf.d/*.conf;\n\tserver {{ listen 127.0.0.1:1; access_log {logs}/site.log; }}\n}}\n")
+        with open(self.nginx_conf, "w") as handle:
+            handle.write(conf)
+        result = self.install()
+        self.assertIn("made 2 access_log line(s) conditional", result.stdout)
+        edited = read_bytes(self.nginx_conf).decode()
+        self.assertIn(f"access_log {logs}/access.log combined if=$smart_visitor;", edited)
+        self.assertIn(f"access_log {logs}/other.log combined if=$smart_visitor;", edited)
+        self.assertIn("access_log off;", edited)
+        self.assertIn(f"access_log {logs}/site.log; }}", edited, "a server's own access_log is left alone")
+        probes = read_bytes(os.path.join(self.root, "conf.d", "smart-probes.conf")).decode()
+        self.assertIn("map $http_user_agent $smart_visitor {\n    ~^smart\\.py/ 0;\n    default 1;\n}", probes)
+        self.assertIn(f"access_log {logs}/smart-timing.log smart_timing if=$smart_visitor;", probes)
+        test = subprocess.run([need("nginx"), "-t", "-c", self.nginx_conf], capture_output=True, text=True, timeout=20)
+        self.assertEqual(test.returncode, 0, test.stderr)
+        again = self.install()
+        self.assertIn("access_log already conditional", again.stdout)
+        self.assertEqual(read_bytes(self.nginx_conf).decode(), edited)
+        done = uninstall(self.prefix)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(read_bytes(self.nginx_conf).decode(),
+                         conf.replace("other.log combined;", "other.log;"),
+                         "nginx.conf back (an explicit `combined` comes back as the default it names)")
+        self.assertFalse(os.path.exists(os.path.join(self.root, "conf.d", "smart-probes.conf")))
 
     def test_without_systemd_the_advice_is_cron_or_by_hand(self):
         result = self.install()
@@ -614,56 +662,142 @@ class UninstallLiveRunTest(unittest.TestCase):
 # ---------------------------------------------------------------- sudoers, units --
 
 class SudoersTest(unittest.TestCase):
-    """The drop-in allows the helper alone, with fixed argument vectors, and visudo accepts it."""
+    """The drop-in is generated from the installed experiments: the helpers alone, each line one exact
+    argument vector an experiment declares (checked by the helper's own parser), and visudo accepts it."""
+
+    HEAD = ["Defaults:smart !requiretty"]
 
     def setUp(self):
         self.root = tempfile.mkdtemp(prefix="smart-sudoers-")
         self.addCleanup(shutil.rmtree, self.root, True)
+        self.prefix = os.path.join(self.root, "prefix")
+        self.experiments = os.path.join(self.prefix, "opt", "smart", "experiments")
+        self.nginx = os.path.join(self.prefix, "usr/local/sbin/smart-nginx")
+        self.php = os.path.join(self.prefix, "usr/local/sbin/smart-php")
+        self.sudoers = os.path.join(self.prefix, "etc/sudoers.d/smart-server")
 
-    def rules(self, path):
-        with open(path) as handle:
+    def rules(self, path=None):
+        with open(path or self.sudoers) as handle:
             lines = [line.rstrip("\n") for line in handle]
-        return lines, [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        for line in lines:
+            self.assertNotIn("*", line, "no wildcard anywhere in the drop-in")
+        return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
-    def test_repository_and_installed_drop_ins(self):
-        visudo = need("visudo")
-        prefix = os.path.join(self.root, "prefix")
-        install(prefix)
-        helper = os.path.join(prefix, "usr/local/sbin/smart-nginx")
-        for path, helper_path in ((os.path.join(DEPLOY, "sudoers", "smart-server"), "/usr/local/sbin/smart-nginx"),
-                                  (os.path.join(prefix, "etc/sudoers.d/smart-server"), helper)):
-            with self.subTest(path=path):
-                check = subprocess.run([visudo, "-cf", path], capture_output=True, text=True, timeout=20)
-                self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
-                lines, rules = self.rules(path)
-                for line in lines:
-                    self.assertNotIn("*", line, "no wildcard anywhere in the drop-in")
-                vectors = []
-                for rule in rules:
-                    if rule.startswith("Defaults"):
-                        self.assertEqual(rule, "Defaults:smart !requiretty")
-                        continue
-                    match = re.fullmatch(r"smart ALL=\(root\) NOPASSWD: (\S+)((?: [a-z0-9-]+)+)", rule)
-                    self.assertIsNotNone(match, f"unexpected rule {rule!r}")
-                    self.assertEqual(match.group(1), helper_path)
-                    self.assertNotRegex(rule, r"[?\[\]\\,:=]\s*$|ALL\s*$")
-                    vectors.append(match.group(2).split())
-                self.assertIn(["set-workers", "auto"], vectors)
-                self.assertIn(["set-workers", "2"], vectors)
-                self.assertIn(["restore"], vectors)
-                for vector in vectors:
-                    self.assertIn(vector[0], ("set-workers", "test", "backup", "restore"))
-                    self.assertEqual(len(vector), 2 if vector[0] == "set-workers" else 1, vector)
+    def rule(self, helper, *argv):
+        return f"smart ALL=(root) NOPASSWD: {self.nginx if helper == 'nginx' else self.php} {' '.join(argv)}"
+
+    def base(self):
+        return self.HEAD + [self.rule("nginx", "test"), self.rule("php", "test"),
+                            self.rule("nginx", "set", "worker_processes", "auto"),
+                            self.rule("nginx", "set", "worker_processes", "2"),
+                            self.rule("nginx", "reset", "worker_processes"), self.rule("nginx", "get", "worker_processes")]
+
+    def add_experiment(self, name, helper, variants):
+        folder = os.path.join(self.experiments, name)
+        os.makedirs(folder)
+        meta = {"id": name, "description": "sudoers test", "helper": helper, "target_url": "http://127.0.0.1/",
+                "revert": "true", "variants": [{"name": "baseline", "apply": "true"}] + variants}
+        with open(os.path.join(folder, "meta.json"), "w") as handle:
+            json.dump(meta, handle)
+        return folder
+
+    def visudo(self, path=None):
+        check = subprocess.run([need("visudo"), "-cf", path or self.sudoers], capture_output=True, text=True, timeout=20)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+
+    def test_generated_line_by_line_and_updated_when_an_experiment_is_added(self):
+        install(self.prefix)
+        self.visudo()
+        self.assertEqual(self.rules(), self.base())
+        self.add_experiment("050_php_pool", "smart-php", [
+            {"name": "static4", "set": {"pm.max_children": "4", "pm": "static"}},
+            {"name": "opcache_off", "set": {"opcache.enable": "0"}}])
+        self.add_experiment("051_nginx_cache", "smart-nginx", [
+            {"name": "micro5", "set": {"open_file_cache": "1000", "microcache": "5"}},
+            {"name": "workers2", "set": {"worker_processes": "2"}}])     # the same vector as 001's: listed once
+        again = install(self.prefix)
+        self.assertIn("update " + self.sudoers, again.stdout)
+        self.visudo()
+        self.assertEqual(self.rules(), self.base() + [
+            self.rule("php", "set", "pm", "static", "pm.max_children", "4"),
+            self.rule("php", "set", "opcache.enable", "0"),
+            self.rule("php", "reset", "opcache.enable", "pm", "pm.max_children"),
+            self.rule("php", "get", "opcache.enable", "pm", "pm.max_children"),
+            self.rule("nginx", "set", "microcache", "5", "open_file_cache", "1000"),
+            self.rule("nginx", "reset", "microcache", "open_file_cache", "worker_processes"),
+            self.rule("nginx", "get", "microcache", "open_file_cache", "worker_processes")])
+        # every listed vector is one the installed helper accepts (check: validates, reads nothing)
+        for rule in self.rules()[1:]:
+            helper, *argv = rule.split("NOPASSWD: ", 1)[1].split()
+            code, out, err = run_helper(helper, "check", *argv) if argv != ["test"] else (0, "", "")
+            self.assertEqual(code, 0, f"{rule}: {err}")
+        installed = read_bytes(self.sudoers)
+        self.assertEqual(install(self.prefix).returncode, 0)
+        self.assertEqual(read_bytes(self.sudoers), installed, "a re-run with nothing new changes nothing")
+
+    def test_a_value_outside_a_grammar_stops_the_install(self):
+        install(self.prefix)
+        installed = read_bytes(self.sudoers)
+        for name, helper, pairs, word in (
+                ("060_bad_php", "smart-php", {"pm.max_children": "300"}, "pm.max_children takes 1..256"),
+                ("061_bad_name", "smart-nginx", {"root": "/"}, "unknown name 'root'"),
+                ("062_bad_combination", "smart-php", {"pm.min_spare_servers": "5", "pm.max_spare_servers": "2"},
+                 "min_spare <= start"),
+                ("063_not_a_string", "smart-nginx", {"worker_processes": 2}, "must be a string"),
+                ("064_bad_helper", "sh", {"worker_processes": "2"}, "expected one of smart-nginx, smart-php")):
+            with self.subTest(name=name):
+                folder = self.add_experiment(name, helper, [{"name": "v", "set": pairs}])
+                done = install(self.prefix, check=False)
+                self.assertNotEqual(done.returncode, 0, done.stdout)
+                self.assertIn(word, done.stderr)
+                self.assertIn(name, done.stderr)
+                self.assertEqual(read_bytes(self.sudoers), installed, "the installed drop-in is left as it was")
+                shutil.rmtree(folder)
+
+    def test_an_experiment_others_can_write_is_skipped(self):
+        install(self.prefix)
+        folder = self.add_experiment("070_writable", "smart-php", [{"name": "v", "set": {"pm.max_requests": "500"}}])
+        os.chmod(os.path.join(folder, "meta.json"), 0o666)
+        done = install(self.prefix)
+        self.assertIn(f"skipped {folder}", done.stderr)
+        self.assertEqual(self.rules(), self.base())
 
     def test_every_apply_and_revert_of_001_is_an_allowed_vector(self):
-        _, rules = self.rules(os.path.join(DEPLOY, "sudoers", "smart-server"))
-        allowed = {rule.split("NOPASSWD: /usr/local/sbin/smart-nginx ", 1)[1] for rule in rules if "NOPASSWD" in rule}
+        install(self.prefix)
+        allowed = {rule.split(f"NOPASSWD: {self.nginx} ", 1)[1] for rule in self.rules() if self.nginx in rule}
         with open(os.path.join(EXPERIMENT_001, "apply.sh")) as handle:
-            used = set(re.findall(r"\$helper ([a-z0-9 -]+?)\s*;;", handle.read()))
+            used = set(re.findall(r"\$helper ([a-z0-9_ -]+?)\s*;;", handle.read()))
         with open(os.path.join(EXPERIMENT_001, "revert.sh")) as handle:
-            used |= set(re.findall(r"\$helper ([a-z0-9 -]+)\s*$", handle.read(), re.M))
-        self.assertTrue(used)
+            used |= set(re.findall(r"\$helper ([a-z0-9_ -]+)\s*$", handle.read(), re.M))
+        self.assertEqual(used, {"set worker_processes auto", "set worker_processes 2", "reset worker_processes"})
         self.assertLessEqual(used, allowed)
+
+    def test_real_sudo_lists_exactly_these_vectors(self):
+        """sudo -l -U for a throwaway user given the generated rules in /etc/sudoers.d (removed after)."""
+        need_root()
+        sudo, useradd, userdel = need("sudo"), need("useradd"), need("userdel")
+        install(self.prefix)
+        user = f"smarttest{os.getpid()}"
+        created = subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
+                                 capture_output=True, text=True, timeout=30)
+        self.assertEqual(created.returncode, 0, created.stderr)
+        self.addCleanup(subprocess.run, [userdel, user], capture_output=True, timeout=30)
+        text = subprocess.run([sys.executable, os.path.join(DEPLOY, "install_tool.py"), "sudoers", user,
+                               self.experiments, self.nginx, self.php], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+        drop_in = f"/etc/sudoers.d/zz-smart-test-{os.getpid()}"
+        with open(drop_in + ".tmp", "w") as handle:
+            handle.write(text)
+        os.chmod(drop_in + ".tmp", 0o440)
+        self.visudo(drop_in + ".tmp")
+        os.rename(drop_in + ".tmp", drop_in)
+        self.addCleanup(os.remove, drop_in)
+        listed = subprocess.run([sudo, "-n", "-l", "-U", user], capture_output=True, text=True, timeout=30)
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        commands = [line.split("NOPASSWD: ", 1)[1].strip() for line in listed.stdout.splitlines() if "NOPASSWD:" in line]
+        expected = [rule.split("NOPASSWD: ", 1)[1].replace("smart ALL", f"{user} ALL") for rule in self.base()[1:]]
+        self.assertEqual(commands, expected, listed.stdout)
+        self.assertNotIn("(ALL)", listed.stdout.split("may run the following commands", 1)[-1])
 
 
 class UnitsTest(unittest.TestCase):
@@ -770,37 +904,56 @@ class HelperTest(unittest.TestCase):
     def conf(self):
         return read_bytes(self.nginx.conf)
 
-    def test_set_workers_then_restore_round_trips_byte_for_byte(self):
+    def test_set_workers_then_reset_round_trips_byte_for_byte(self):
         original = self.conf()
         self.assertEqual(self.nginx.wait_workers(1), 1)
-        code, out, err = self.helper_run("set-workers", "2")
+        code, out, err = self.helper_run("set", "worker_processes", "2")
         self.assertEqual(code, 0, err)
-        self.assertIn("1 -> 2", out)
+        self.assertIn("worker_processes 1 -> 2", out)
         self.assertEqual(worker_value(self.conf()), "2")
         self.assertEqual(without_workers(self.conf()), without_workers(original), "only worker_processes changed")
         self.assertEqual(self.nginx.wait_workers(2), 2, "nginx reloaded with 2 workers")
-        code, out, err = self.helper_run("set-workers", "auto")
+        self.assertEqual(self.helper_run("get", "worker_processes")[:2], (0, "worker_processes 2\n"))
+        code, out, err = self.helper_run("set", "worker_processes", "auto")
         self.assertEqual(code, 0, err)
         self.assertEqual(worker_value(self.conf()), "auto")
         self.assertIn(self.nginx.wait_workers(min(expected_auto_workers())), expected_auto_workers())
-        code, out, err = self.helper_run("restore")
+        self.assertEqual(read_bytes(os.path.join(self.deployed.state_dir, "nginx.conf.original")), original)
+        code, out, err = self.helper_run("reset", "worker_processes")
         self.assertEqual(code, 0, err)
         self.assertEqual(self.conf(), original)
         self.assertEqual(self.nginx.wait_workers(1), 1)
-        self.assertEqual(read_bytes(os.path.join(self.deployed.state_dir, "nginx.conf.backup")), original)
-        # Restore again: nothing to do, still fine (a revert may run twice, e.g. by recovery).
-        code, out, err = self.helper_run("restore")
+        # Reset again: nothing to do, still fine (a revert may run twice, e.g. by recovery).
+        code, out, err = self.helper_run("reset", "worker_processes")
         self.assertEqual((code, self.conf()), (0, original), err)
+        self.assertIn("nothing to reset", out)
         self.assertEqual(http_get(self.nginx.port)[0], 200)
+
+    def test_worker_connections_in_the_events_block_and_one_reload_for_two_names(self):
+        original = self.conf()
+        code, out, err = self.helper_run("set", "worker_connections", "1024", "worker_processes", "2")
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"events {\n    worker_connections 1024;\n}", self.conf())
+        self.assertEqual(self.nginx.wait_workers(2), 2)
+        code, out, err = self.helper_run("get", "worker_connections", "worker_processes")
+        self.assertEqual(out, "worker_connections 1024\nworker_processes 2\n")
+        workers = self.nginx.workers()
+        code, out, err = self.helper_run("set", "worker_connections", "1024", "worker_processes", "2")
+        self.assertEqual(code, 0, err)
+        self.assertIn("already in effect", out)
+        time.sleep(0.3)
+        self.assertEqual(self.nginx.workers(), workers, "no reload when nothing changes")
+        self.assertEqual(self.helper_run("reset", "worker_connections", "worker_processes")[0], 0)
+        self.assertEqual(self.conf(), original)
 
     def test_mode_and_owner_of_nginx_conf_are_kept(self):
         os.chmod(self.nginx.conf, 0o640)
         before = os.stat(self.nginx.conf)
-        self.assertEqual(self.helper_run("set-workers", "2")[0], 0)
+        self.assertEqual(self.helper_run("set", "worker_processes", "2")[0], 0)
         after = os.stat(self.nginx.conf)
         self.assertEqual((stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid),
                          (0o640, before.st_uid, before.st_gid))
-        self.assertEqual(self.helper_run("restore")[0], 0)
+        self.assertEqual(self.helper_run("reset", "worker_processes")[0], 0)
         self.assertEqual(stat.S_IMODE(os.stat(self.nginx.conf).st_mode), 0o640)
         self.assertFalse([n for n in os.listdir(self.root) if n.startswith(".smart-nginx.")], "no temp file left")
 
@@ -809,7 +962,7 @@ class HelperTest(unittest.TestCase):
         with open(self.nginx.extra, "w") as handle:
             handle.write("this_is_not_a_directive on;\n")
         with Prober(self.nginx.port) as prober:
-            code, out, err = self.helper_run("set-workers", "2")
+            code, out, err = self.helper_run("set", "worker_processes", "2")
             time.sleep(0.3)
         self.assertEqual(code, 1, out + err)
         self.assertIn("nginx -t failed", err)
@@ -820,7 +973,7 @@ class HelperTest(unittest.TestCase):
         self.assertEqual(self.nginx.wait_workers(1, timeout=1), 1, "nginx was never reloaded")
         self.assertEqual(http_get(self.nginx.port)[0], 200)
         # The revert that follows a failed apply is a harmless no-op.
-        code, out, err = self.helper_run("restore")
+        code, out, err = self.helper_run("reset", "worker_processes")
         self.assertEqual((code, self.conf()), (0, original), err)
         code, out, err = self.helper_run("test")
         self.assertEqual(code, 1)
@@ -834,7 +987,7 @@ class HelperTest(unittest.TestCase):
         os.chmod(wrapper, 0o755)
         install(self.deployed.prefix, "--nginx-conf", self.nginx.conf, "--reload", "signal", "--nginx-bin", wrapper)
         original = self.conf()
-        code, out, err = self.helper_run("set-workers", "2")
+        code, out, err = self.helper_run("set", "worker_processes", "2")
         self.assertEqual(code, 1, out + err)
         self.assertIn("reload failed", err)
         self.assertIn("reload refused", err)
@@ -844,16 +997,23 @@ class HelperTest(unittest.TestCase):
     def test_every_argument_outside_the_verbs_is_refused(self):
         original = self.conf()
         refused = [
-            [], ["set-workers"], ["set-workers", "0"], ["set-workers", "65"], ["set-workers", "100"],
-            ["set-workers", "02"], ["set-workers", "-1"], ["set-workers", "+2"], ["set-workers", " 2"],
-            ["set-workers", "2 "], ["set-workers", "2\n"], ["set-workers", "2;"], ["set-workers", "1e1"],
-            ["set-workers", "0x2"], ["set-workers", "AUTO"], ["set-workers", "auto;"], ["set-workers", "\u0663"],
-            ["set-workers", "２"], ["set-workers", ""], ["set-workers", "auto", "2"], ["set-workers", "2", "--force"],
-            ["Set-workers", "2"], ["set_workers", "2"], ["set-connections", "1024"], ["test", "x"],
-            ["reload", "now"], ["backup", "/tmp/x"], ["restore", "/etc/shadow"], ["restore", "--force"],
-            ["-c", "/tmp/other.conf", "test"], ["--config", "/tmp/x", "restore"], ["--help"], ["help"],
-            ["sh", "-c", "id"], ["rm", "-rf", "/"], ["set-workers", "$(id)"], ["set-workers", "`id`"],
-            ["set-workers", "2", "-e", "s/x/y/"],
+            [], ["set"], ["set", "worker_processes"], ["set", "worker_processes", "0"],
+            ["set", "worker_processes", "65"], ["set", "worker_processes", "100"], ["set", "worker_processes", "02"],
+            ["set", "worker_processes", "-1"], ["set", "worker_processes", "+2"], ["set", "worker_processes", " 2"],
+            ["set", "worker_processes", "2 "], ["set", "worker_processes", "2\n"], ["set", "worker_processes", "2;"],
+            ["set", "worker_processes", "1e1"], ["set", "worker_processes", "0x2"], ["set", "worker_processes", "AUTO"],
+            ["set", "worker_processes", "auto;"], ["set", "worker_processes", "\u0663"], ["set", "worker_processes", "２"],
+            ["set", "worker_processes", ""], ["set", "worker_processes", "auto", "2"],
+            ["set", "worker_processes", "2", "--force"], ["set", "worker_processes", "2", "worker_connections", "1024"],
+            ["set", "worker_processes", "2", "worker_processes", "2"], ["set", "worker_connections", "511"],
+            ["set", "microcache", "61"], ["set", "ssl_session_tickets", "yes"], ["set", "root", "/"],
+            ["set", "Worker_processes", "2"], ["Set", "worker_processes", "2"], ["set-workers", "2"],
+            ["reset"], ["reset", "worker_processes", "microcache"], ["reset", "worker_processes", "2"],
+            ["get"], ["get", "nope"], ["get", "worker_processes", "worker_processes"], ["test", "x"],
+            ["accept", "now"], ["check"], ["check", "test"], ["check", "set", "worker_processes", "65"],
+            ["reload"], ["backup"], ["restore"], ["-c", "/tmp/other.conf", "test"], ["--config", "/tmp/x", "reset"],
+            ["--help"], ["help"], ["sh", "-c", "id"], ["rm", "-rf", "/"], ["set", "worker_processes", "$(id)"],
+            ["set", "worker_processes", "`id`"], ["set", "worker_processes", "2", "-e", "s/x/y/"],
         ]
         for args in refused:
             with self.subTest(args=args):
@@ -877,35 +1037,60 @@ class HelperTest(unittest.TestCase):
             handle.write("worker_processes 1;\nevents {}\n")
         env = clean_env({"PYTHONPATH": evil, "PYTHONSTARTUP": os.path.join(evil, "re.py"), "PYTHONHOME": "/nowhere",
                          "NGINX_CONF": other, "SMART_NGINX_CONF": other, "CONFIG": other, "PATH": evil + ":/usr/bin:/bin"})
-        code, out, err = self.helper_run("set-workers", "2", env=env)
+        code, out, err = self.helper_run("set", "worker_processes", "2", env=env)
         self.assertEqual(code, 0, err)
         self.assertFalse(os.path.exists(marker), "a module from PYTHONPATH was imported")
         self.assertEqual(worker_value(self.conf()), "2")
         self.assertEqual(read_bytes(other), b"worker_processes 1;\nevents {}\n")
-        self.assertEqual(self.helper_run("restore")[0], 0)
+        self.assertEqual(self.helper_run("reset", "worker_processes")[0], 0)
 
-    def test_restore_leaves_a_file_someone_else_changed(self):
-        self.assertEqual(self.helper_run("set-workers", "2")[0], 0)
+    def test_reset_leaves_a_file_someone_else_changed(self):
+        self.assertEqual(self.helper_run("set", "worker_processes", "2")[0], 0)
         with open(self.nginx.conf, "ab") as handle:
             handle.write(b"# an operator's edit\n")
         edited = self.conf()
-        code, out, err = self.helper_run("restore")
+        code, out, err = self.helper_run("reset", "worker_processes")
         self.assertEqual(code, 1)
         self.assertIn("changed by someone else", err)
+        self.assertIn("smart-nginx accept", err)
         self.assertEqual(self.conf(), edited)
-        # The operator accepts the file as it is: restore has nothing to do, a new edit backs it up.
-        self.assertEqual(self.helper_run("backup")[0], 0)
-        self.assertEqual(self.helper_run("restore")[0], 0)
+        code, out, err = self.helper_run("set", "worker_processes", "auto")
+        self.assertEqual((code, self.conf()), (1, edited), "set does not overwrite the edit either")
+        # The operator accepts the file as it is: worker_processes 2 is theirs, reset has nothing to do.
+        self.assertEqual(self.helper_run("accept")[0], 0)
+        self.assertEqual(self.helper_run("reset", "worker_processes")[0], 0)
         self.assertEqual(self.conf(), edited)
-        self.assertEqual(self.helper_run("set-workers", "auto")[0], 0)
-        self.assertEqual(self.helper_run("restore")[0], 0)
+        self.assertEqual(self.helper_run("set", "worker_processes", "auto")[0], 0)
+        self.assertEqual(self.helper_run("reset", "worker_processes")[0], 0)
         self.assertEqual(self.conf(), edited)
+
+    def test_an_edit_cut_short_is_put_back_by_the_next_run(self):
+        # What a SIGKILL between writing nginx.conf and committing leaves: the state names the edit
+        # under way ("pending") and nginx.conf holds it, not reloaded.
+        original = self.conf()
+        self.assertEqual(self.helper_run("set", "worker_processes", "2")[0], 0)
+        committed = self.conf()
+        state_path = os.path.join(self.deployed.state_dir, "state.json")
+        state = json.loads(read_bytes(state_path))
+        half = committed.replace(b"worker_processes 2;", b"worker_processes auto;")
+        state["pending"] = {"changes": {"worker_processes": "auto"},
+                            "written": {self.nginx.conf: hashlib.sha256(half).hexdigest()}}
+        with open(state_path, "w") as handle:
+            json.dump(state, handle)
+        with open(self.nginx.conf, "wb") as handle:
+            handle.write(half)
+        code, out, err = self.helper_run("reset", "worker_processes")
+        self.assertEqual(code, 0, err)
+        self.assertIn("cut short", err)
+        self.assertEqual(self.conf(), original)
+        self.assertIsNone(json.loads(read_bytes(state_path))["pending"])
+        self.assertEqual(self.nginx.wait_workers(1), 1)
 
     def test_an_untrusted_config_is_refused(self):
         original = self.conf()
         config = os.path.join(self.deployed.prefix, "etc/smart/nginx-helper.conf")
         os.chmod(config, 0o666)
-        code, out, err = self.helper_run("set-workers", "2")
+        code, out, err = self.helper_run("set", "worker_processes", "2")
         self.assertEqual(code, 1)
         self.assertIn("not be writable by group or others", err)
         self.assertEqual(self.conf(), original)
@@ -922,10 +1107,10 @@ class HelperTest(unittest.TestCase):
             b"# worker_processes 8;\nworker_processes   1 ;  # the real one\nenv \"SMART_TEST=worker_processes 3;\";")
         with open(self.nginx.conf, "wb") as handle:
             handle.write(text)
-        code, out, err = self.helper_run("set-workers", "2")
+        code, out, err = self.helper_run("set", "worker_processes", "2")
         self.assertEqual(code, 0, err)
         self.assertEqual(self.conf(), text.replace(b"worker_processes   1 ;", b"worker_processes   2 ;"))
-        self.assertEqual(self.helper_run("restore")[0], 0)
+        self.assertEqual(self.helper_run("reset", "worker_processes")[0], 0)
         self.assertEqual(self.conf(), text)
 
 

@@ -2,8 +2,8 @@
 
 deploy/install.sh installs into a temporary prefix with the helper pointed at a test nginx's
 nginx.conf (reloaded by `nginx -s reload`, as without systemd); the installed experiment's
-target_url is rewritten to that nginx, SMART_NGINX_HELPER points apply.sh/revert.sh at the
-installed helper (no sudo in a test), and `smart.py --home PREFIX/opt/smart run 001_nginx_workers`
+target_url is rewritten to that nginx, SMART_NGINX_HELPER points apply.sh/revert.sh (`set
+worker_processes auto|2`, `reset worker_processes`) at the installed helper (no sudo in a test), and `smart.py --home PREFIX/opt/smart run 001_nginx_workers`
 runs with 2-second arms.  Checked: a verdict per variant tried in state.json, nginx.conf (and the
 running workers) matching the verdict, and nginx serving throughout - no probe row with code 0 or
 5xx in the run's CSVs, and no failure seen by a second prober that runs across every reload.
@@ -131,8 +131,8 @@ class NginxWorkersExperimentTest(unittest.TestCase):
         self.assert_served_throughout(state, prober)
         with open(os.path.join(self.home, "var", "runs", state["run_id"], "run.log")) as handle:
             log = handle.read()
-        self.assertIn("worker_processes 1 -> 2; nginx tested and reloaded", log)
-        self.assertIn("restored", log)
+        self.assertIn("worker_processes 1 -> 2; nginx -t passed, reloaded", log)
+        self.assertIn("reset worker_processes to what they were before smart-nginx changed them", log)
 
 
 if __name__ == "__main__":
