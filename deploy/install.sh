@@ -333,6 +333,10 @@ fi
 own_dir "$OPT" 0755 root:root
 put "$SRC/smart.py" "$OPT/smart.py" 0755
 [[ -f $SRC/DEPLOYMENT.md ]] && put "$SRC/DEPLOYMENT.md" "$OPT/DEPLOYMENT.md" 0644
+if [[ -f $SRC/docs/SPEC.md ]]; then            # the contract, beside the code it describes
+    own_dir "$OPT/docs" 0755 root:root
+    put "$SRC/docs/SPEC.md" "$OPT/docs/SPEC.md" 0644
+fi
 own_dir "$OPT/www" 0755 root:root
 found_www=0
 for file in "$SRC"/www/*; do
@@ -548,8 +552,10 @@ $out"
     status=0; reload_nginx || status=$?
     case $status in
         0) say "nginx reloaded" ;;
-        3) warn "nginx is not running; start it: systemctl enable --now nginx" ;;
-        *) warn "the nginx reload failed: see systemctl status nginx" ;;
+        3) if ((HAVE_SYSTEMD)); then warn "nginx is not running; start it: systemctl enable --now nginx"
+           else warn "nginx is not running; start it: $NGINX_BIN"; fi ;;
+        *) if ((HAVE_SYSTEMD)); then warn "the nginx reload failed: see systemctl status nginx"
+           else warn "the nginx reload failed: see $NGINX_BIN -t and nginx's error.log"; fi ;;
     esac
 elif ((REAL)); then
     say "would run nginx -t, then reload nginx"

@@ -9,6 +9,7 @@
             apply   HELPER set N1 V1 N2 V2 ...   (names sorted) for each variant with a set
             revert  HELPER reset N1 N2 ...       (the sorted union of the experiment's names)
             dry run HELPER get N1 N2 ...         (the same names)
+        A "sweep" stands for its variants, expanded and validated by smart.py (beside deploy/).
         Each vector is checked by the helper itself (`python3 -I deploy/smart-X check VECTOR`, which
         validates the arguments and reads nothing): a value outside a name's grammar
         is refused here (exit 1), so the drop-in never lists a vector the helper would refuse.
@@ -72,6 +73,8 @@ def experiment_vectors(folder):
         meta = json.load(handle)
     helper = meta.get("helper") if isinstance(meta, dict) else None
     variants = [v for v in (meta.get("variants") or []) if isinstance(v, dict)] if isinstance(meta, dict) else []
+    if isinstance(meta, dict) and "sweep" in meta:
+        variants = sweep_variants(meta_path, meta)
     with_set = [v for v in variants if "set" in v]
     if helper is None:
         if with_set:
@@ -99,6 +102,18 @@ def experiment_vectors(folder):
             check(helper, argv, meta_path)
             found.append((helper, argv, why))
     return found
+
+
+def sweep_variants(meta_path, meta):
+    """The variants a sweep stands for, as smart.py (beside this folder) expands and validates it."""
+    loader = importlib.machinery.SourceFileLoader("smart", os.path.join(os.path.dirname(HERE), "smart.py"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    smart = importlib.util.module_from_spec(spec)
+    loader.exec_module(smart)
+    try:
+        return smart.load_experiment(os.path.dirname(meta_path)).variants
+    except smart.SmartError as exc:
+        raise SystemExit(f"install_tool.py: {exc}")
 
 
 def check(helper, argv, where):

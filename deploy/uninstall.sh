@@ -197,6 +197,8 @@ if [[ -d $OPT ]]; then
     else
         remove "$OPT/smart.py" "$OPT/smart.conf.example" "$OPT/DEPLOYMENT.md"
         if [[ -d $OPT/www ]]; then act "remove $OPT/www" rm -rf "$OPT/www"; fi
+        remove "$OPT/docs/SPEC.md"
+        [[ -d $OPT/docs ]] && remove_dir_if_empty "$OPT/docs"
         # Shipped experiment files go unless you edited them (the manifest has their hashes).
         if [[ -f $OPT/.shipped ]]; then
             while read -r hash rel; do

@@ -364,8 +364,9 @@ class InstallTest(unittest.TestCase):
         expected = {
             "opt/smart/", "opt/smart/smart.py", "opt/smart/smart.conf", "opt/smart/smart.conf.example",
             "opt/smart/www/", "opt/smart/experiments/", "opt/smart/experiments/001_nginx_workers/",
-            "opt/smart/experiments/001_nginx_workers/meta.json", "opt/smart/experiments/001_nginx_workers/apply.sh",
-            "opt/smart/experiments/001_nginx_workers/revert.sh", "opt/smart/var/",
+            "opt/smart/experiments/001_nginx_workers/meta.json", "opt/smart/experiments/001_nginx_workers/README.md",
+            "opt/smart/docs/SPEC.md",
+            "opt/smart/var/",
             "etc/systemd/system/smart-experiment.service", "etc/systemd/system/smart-experiment.timer",
             "etc/sudoers.d/smart-server", "usr/local/sbin/smart-nginx", "etc/smart/nginx-helper.conf",
             "var/lib/smart-nginx/", "etc/nginx/sites-available/smart", "etc/nginx/sites-enabled/smart",
@@ -378,7 +379,7 @@ class InstallTest(unittest.TestCase):
             "usr/local/sbin/smart-nginx": 0o755, "etc/smart/nginx-helper.conf": 0o644,
             "var/lib/smart-nginx": 0o700, "opt/smart/var": 0o755, "usr/local/sbin/smart-php": 0o755,
             "etc/smart/php-helper.conf": 0o644, "var/lib/smart-php": 0o700,
-            "opt/smart/experiments/001_nginx_workers/apply.sh": 0o755,
+            "opt/smart/experiments/001_nginx_workers/meta.json": 0o644,
         }
         for rel, mode in modes.items():
             self.assertEqual(stat.S_IMODE(os.stat(self.path(rel)).st_mode), mode, rel)
@@ -454,10 +455,10 @@ class InstallTest(unittest.TestCase):
         self.assertEqual(read_bytes(meta + ".dist"), read_bytes(os.path.join(EXPERIMENT_001, "meta.json")))
         self.assertIn("kept", upgrade.stderr)
         # An unedited shipped file that the new version changes is updated.
-        apply_sh = self.path("opt/smart/experiments/001_nginx_workers/apply.sh")
+        readme = self.path("opt/smart/experiments/001_nginx_workers/README.md")
         with open(os.path.join(self.path("opt/smart"), ".shipped")) as handle:
-            self.assertIn("experiments/001_nginx_workers/apply.sh", handle.read())
-        self.assertEqual(read_bytes(apply_sh), read_bytes(os.path.join(EXPERIMENT_001, "apply.sh")))
+            self.assertIn("experiments/001_nginx_workers/README.md", handle.read())
+        self.assertEqual(read_bytes(readme), read_bytes(os.path.join(EXPERIMENT_001, "README.md")))
 
     def test_dry_run_changes_nothing(self):
         result = self.install("--dry-run")
@@ -762,15 +763,26 @@ class SudoersTest(unittest.TestCase):
         self.assertIn(f"skipped {folder}", done.stderr)
         self.assertEqual(self.rules(), self.base())
 
-    def test_every_apply_and_revert_of_001_is_an_allowed_vector(self):
+    def test_every_helper_call_smart_py_makes_is_an_allowed_vector(self):
+        """For every shipped experiment with a helper, each command smart.py would run (apply of every
+        variant, sweeps expanded, the revert and dry run's get) is a rule of the drop-in, word for word."""
         install(self.prefix)
-        allowed = {rule.split(f"NOPASSWD: {self.nginx} ", 1)[1] for rule in self.rules() if self.nginx in rule}
-        with open(os.path.join(EXPERIMENT_001, "apply.sh")) as handle:
-            used = set(re.findall(r"\$helper ([a-z0-9_ -]+?)\s*;;", handle.read()))
-        with open(os.path.join(EXPERIMENT_001, "revert.sh")) as handle:
-            used |= set(re.findall(r"\$helper ([a-z0-9_ -]+)\s*$", handle.read(), re.M))
-        self.assertEqual(used, {"set worker_processes auto", "set worker_processes 2", "reset worker_processes"})
-        self.assertLessEqual(used, allowed)
+        paths = {"smart-nginx": self.nginx, "smart-php": self.php}
+        allowed = {rule.split("NOPASSWD: ", 1)[1] for rule in self.rules() if "NOPASSWD: " in rule}
+        settings = dict(smart.load_settings(None, environ={}), HELPER_COMMAND="")
+        checked = 0
+        for experiment in smart.find_experiments(os.path.join(REPO_ROOT), [], settings):
+            if not experiment.helper:
+                continue
+            commands = [experiment.apply_command(v) for v in experiment.candidates]
+            commands += [experiment.revert, experiment.helper_call("get", experiment.helper_names)]
+            for command in commands:
+                with self.subTest(experiment=experiment.id, command=command):
+                    helper, argv = command.split(" ", 1)
+                    self.assertIn(f"{paths[helper]} {argv}", allowed)
+                    checked += 1
+        self.assertIn(f"{self.nginx} set worker_processes auto", allowed)
+        self.assertGreaterEqual(checked, 4)
 
     def test_real_sudo_lists_exactly_these_vectors(self):
         """sudo -l -U for a throwaway user given the generated rules in /etc/sudoers.d (removed after)."""

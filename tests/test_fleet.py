@@ -286,9 +286,9 @@ class RolloutTests(unittest.TestCase):
             self.assertEqual(second[name]["changed"], 0, f"{name}: the second install changed something:\n{out2[-4000:]}")
             home = self.fleet.home(name)
             for path in ("smart.py", "www/index.html", "www/fleet.html", "experiments/001_nginx_workers/meta.json",
-                         "smart.conf", "var"):
+                         "experiments/001_nginx_workers/README.md", "smart.conf", "var"):
                 self.assertTrue(os.path.exists(os.path.join(home, path)), f"{name}: {path} not installed")
-            self.assertTrue(os.access(os.path.join(home, "experiments", "001_nginx_workers", "apply.sh"), os.X_OK))
+            self.assertTrue(os.access(os.path.join(home, "smart.py"), os.X_OK))
 
     def test_rollout_reaches_every_host(self):
         rc, out, _ = self.first

@@ -2,7 +2,7 @@
 
 deploy/install.sh installs into a temporary prefix with the helper pointed at a test nginx's
 nginx.conf (reloaded by `nginx -s reload`, as without systemd); the installed experiment's
-target_url is rewritten to that nginx, SMART_NGINX_HELPER points apply.sh/revert.sh (`set
+target_url is rewritten to that nginx, HELPER_COMMAND points smart.py's helper calls (`set
 worker_processes auto|2`, `reset worker_processes`) at the installed helper (no sudo in a test), and `smart.py --home PREFIX/opt/smart run 001_nginx_workers`
 runs with 2-second arms.  Checked: a verdict per variant tried in state.json, nginx.conf (and the
 running workers) matching the verdict, and nginx serving throughout - no probe row with code 0 or
@@ -60,7 +60,7 @@ class NginxWorkersExperimentTest(unittest.TestCase):
             json.dump(self.meta, handle, indent=2)
 
     def run_experiment(self, **settings):
-        env = clean_env(dict(SHORT, SMART_NGINX_HELPER=self.deployed.helper, **settings))
+        env = clean_env(dict(SHORT, HELPER_COMMAND=os.path.dirname(self.deployed.helper) + "/", **settings))
         with deploy.Prober(self.nginx.port, period=0.005) as prober:
             done = subprocess.run([sys.executable, os.path.join(self.home, "smart.py"), "--home", self.home,
                                    "run", "001_nginx_workers"], capture_output=True, text=True, timeout=120,
