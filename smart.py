@@ -388,7 +388,8 @@ class Experiment:
         self.path = path
         self.helper = meta.get("helper")
         self.helper_command = settings["HELPER_COMMAND"]
-        self.requires = list(meta.get("requires") or []) + (["nginx"] if self.helper == "smart-nginx" else [])
+        implied = {"smart-nginx": ["nginx"], "smart-php": ["php-fpm"]}.get(self.helper, [])
+        self.requires = list(dict.fromkeys(list(meta.get("requires") or []) + implied))
         self.site_url = settings["SITE_TLS_URL" if meta.get("site") == "tls" else "SITE_URL"]
         self.id = meta.get("id") or os.path.basename(path)
         self.description = meta.get("description", "")
