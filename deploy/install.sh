@@ -444,6 +444,28 @@ EOF
 helper_conf "$WORK/php-helper.conf" "$PHP_HELPER_CONF" "$PHP_CONF_GIVEN" "--php-fpm-conf and the other --php-* options"
 own_dir "$PHP_HELPER_STATE" 0700 root:root
 
+# PHP-FPM's master applies process_control_timeout of the configuration it runs, so a reload from a
+# configuration without it (PHP's default 0) kills the workers' requests in flight.  This drop-in,
+# read with the pools, makes every reload after the next one wait for them (DEPLOYMENT.md).
+RELOAD_DROPIN=$(dirname "$POOL_DROPIN")/zz-smart-reload.conf
+if [[ -d $(dirname "$POOL_DROPIN") ]]; then
+    cat >"$WORK/zz-smart-reload.conf" <<EOF
+; $RELOAD_DROPIN - installed by deploy/install.sh (smart.py); uninstall.sh removes it.
+; On a reload (SIGUSR2, systemctl reload) the master lets its workers finish the requests they
+; are serving for up to this long instead of killing them (PHP's default is 0).
+[global]
+process_control_timeout = 10s
+EOF
+    put "$WORK/zz-smart-reload.conf" "$RELOAD_DROPIN" 0644
+    if ((!DRY)) && [[ -x $FPM_BIN && -f $FPM_CONF ]] && ! out=$("$FPM_BIN" -t --fpm-config "$FPM_CONF" 2>&1); then
+        rm -f "$RELOAD_DROPIN"
+        warn "php-fpm -t failed with $RELOAD_DROPIN; removed it:
+$out"
+    fi
+else
+    say "no $(dirname "$POOL_DROPIN"): PHP-FPM's reload drop-in not installed"
+fi
+
 # --- 4. sudoers: only the helpers, only the experiments' exact vectors, checked by visudo first -
 ensure_dir "$(dirname "$SUDOERS")" 0755
 sudoers_src=$WORK/smart-server

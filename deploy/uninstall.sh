@@ -150,6 +150,13 @@ if [[ -f $NGINX_HELPER_CONF ]]; then
     kept_conf=$(sed -n 's/^NGINX_CONF=//p' "$NGINX_HELPER_CONF" | tail -n 1)
     NGINX_CONF=${kept_conf:-$NGINX_CONF}
 fi
+# The pool drop-in's folder the PHP helper was given, where install.sh put the reload drop-in.
+POOL_DIR=$PHP_DIR/pool.d
+if [[ -f $PHP_HELPER_CONF ]]; then
+    kept_pool=$(sed -n 's/^POOL_DROPIN=//p' "$PHP_HELPER_CONF" | tail -n 1)
+    [[ -n $kept_pool ]] && POOL_DIR=$(dirname "$kept_pool")
+fi
+remove "$POOL_DIR/zz-smart-reload.conf"
 remove "$SUDOERS" "$NGINX_HELPER" "$NGINX_HELPER_CONF" "$PHP_HELPER" "$PHP_HELPER_CONF"
 remove_dir_if_empty "$(dirname "$NGINX_HELPER_CONF")"
 for state in "$NGINX_HELPER_STATE" "$PHP_HELPER_STATE"; do
