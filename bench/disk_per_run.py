@@ -68,7 +68,7 @@ def folder_bytes(path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=100.0, help="requests per second (001 probes at 100)")
+    parser.add_argument("--rate", type=float, default=100.0, help="requests per second (100, five times what 001 probes at: a busy experiment)")
     parser.add_argument("--seed", type=int, default=20261201)
     args = parser.parse_args(argv)
     settings = smart.load_settings(None, environ={})
