@@ -109,6 +109,7 @@ def sweep_variants(meta_path, meta):
     loader = importlib.machinery.SourceFileLoader("smart", os.path.join(os.path.dirname(HERE), "smart.py"))
     spec = importlib.util.spec_from_loader(loader.name, loader)
     smart = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = smart      # dataclasses look their module up there while smart.py loads
     loader.exec_module(smart)
     try:
         return smart.load_experiment(os.path.dirname(meta_path)).variants
