@@ -28,12 +28,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import stack as stack_module  # noqa: E402
 import test_helpers as helpers_test  # noqa: E402  (support code only: no TestCase is imported by name)
 from helpers import REPO_ROOT, clean_env, import_smart  # noqa: E402
 
@@ -70,32 +68,22 @@ def catalogue() -> list:
     return found
 
 
-class CatalogueTest(unittest.TestCase):
+class CatalogueTest(helpers_test.InstalledStack):
+
+    tmp_prefix = "smart-catalogue-"
 
     @classmethod
-    def setUpClass(cls):
-        stack_module.require()
-        cls.tmp = tempfile.mkdtemp(prefix="smart-catalogue-")
-        cls.stack = stack_module.Stack().start()
-        try:
-            with open(cls.stack.php_fpm_conf) as handle:
-                text = handle.read()
-            with open(cls.stack.php_fpm_conf, "w") as handle:
-                handle.write(text.replace("[global]\n", "[global]\nprocess_control_timeout = 10s\n", 1))
-            cls.stack.reload_php()
-            for name, value in vars(helpers_test.install(cls.stack, cls.tmp)).items():
-                setattr(cls, name, value)
-            cls.shorten_installed_experiments()
-            cls.original = helpers_test.snapshot(cls.stack, cls.cache_dir)
-        except BaseException:
-            cls.stack.stop()
-            shutil.rmtree(cls.tmp, True)
-            raise
+    def prepare_stack(cls):
+        with open(cls.stack.php_fpm_conf) as handle:
+            text = handle.read()
+        with open(cls.stack.php_fpm_conf, "w") as handle:
+            handle.write(text.replace("[global]\n", "[global]\nprocess_control_timeout = 10s\n", 1))
+        cls.stack.reload_php()
 
     @classmethod
-    def shorten_installed_experiments(cls):
-        """The installed meta.json files without their own lengths and design (004 and 008 shorten their
-        arms to fit the timer's time box), which would win over SHORT's."""
+    def installed(cls):
+        # The installed meta.json files without their own lengths and design (004 and 008 shorten
+        # their arms to fit the timer's time box), which would win over SHORT's.
         for path in glob.glob(os.path.join(cls.home, "experiments", "*", "meta.json")):
             with open(path) as handle:
                 meta = json.load(handle)
@@ -103,13 +91,7 @@ class CatalogueTest(unittest.TestCase):
                 meta.pop(key, None)
             with open(path, "w") as handle:
                 json.dump(meta, handle, indent=2)
-
-    @classmethod
-    def tearDownClass(cls):
-        try:
-            cls.stack.stop()
-        finally:
-            shutil.rmtree(cls.tmp, True)
+        cls.original = helpers_test.snapshot(cls.stack, cls.cache_dir)
 
     def smart(self, *argv, **settings):
         env = clean_env(dict(SHORT, SITE_URL=self.stack.http_url, SITE_TLS_URL=self.stack.https_url,
@@ -158,8 +140,11 @@ class CatalogueTest(unittest.TestCase):
 
     # -- what every run must leave --
     def wait_old_nginx_workers_gone(self, timeout=20):
-        """Until no nginx worker is "shutting down" (the old ones of a reload), so that a check's request
-        meets a new worker rather than the reload's race (RELOAD_WINDOW)."""
+        """Until RELOAD_WINDOW has passed since the last nginx reload and no worker is "shutting down"
+        (the old ones of a reload), so that a check's request meets a new worker, not the reload's race."""
+        reloads = self.nginx_reloads()
+        if reloads:
+            time.sleep(max(0.0, reloads[-1] + RELOAD_WINDOW - time.time()))
         def shutting_down(pid):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as handle:

@@ -199,27 +199,35 @@ class Prober(threading.Thread):
     least = 20
 
 
-class StackHelpersTest(unittest.TestCase):
+class InstalledStack(unittest.TestCase):
+    """A Stack for the class, with deploy/install.sh installed into a temporary prefix pointed at it:
+    every name install() returns is a class attribute.  prepare_stack() runs before the install,
+    installed() after it; the stack stops in tearDownClass."""
+
+    tmp_prefix = "smart-helpers-"
 
     @classmethod
     def setUpClass(cls):
         stack_module.require()
-        cls.tmp = tempfile.mkdtemp(prefix="smart-helpers-")
+        cls.tmp = tempfile.mkdtemp(prefix=cls.tmp_prefix)
         cls.stack = stack_module.Stack().start()
         try:
-            cls._install()
+            cls.prepare_stack()
+            for name, value in vars(install(cls.stack, cls.tmp)).items():
+                setattr(cls, name, value)
+            cls.installed()
         except BaseException:
             cls.stack.stop()
             shutil.rmtree(cls.tmp, True)
             raise
 
     @classmethod
-    def _install(cls):
-        for name, value in vars(install(cls.stack, cls.tmp)).items():
-            setattr(cls, name, value)
-        with open(os.path.join(cls.stack.wordpress_dir, INI_PROBE), "w") as handle:
-            handle.write("<?php\nheader('Content-Type: text/plain');\nforeach (array_slice($_GET ? array_keys($_GET) : "
-                         "array(), 0, 20) as $k) { $n = str_replace('_dot_', '.', $k); echo $n, '=', ini_get($n), \"\\n\"; }\n")
+    def prepare_stack(cls):
+        pass
+
+    @classmethod
+    def installed(cls):
+        pass
 
     @classmethod
     def tearDownClass(cls):
@@ -227,6 +235,15 @@ class StackHelpersTest(unittest.TestCase):
             cls.stack.stop()
         finally:
             shutil.rmtree(cls.tmp, True)
+
+
+class StackHelpersTest(InstalledStack):
+
+    @classmethod
+    def installed(cls):
+        with open(os.path.join(cls.stack.wordpress_dir, INI_PROBE), "w") as handle:
+            handle.write("<?php\nheader('Content-Type: text/plain');\nforeach (array_slice($_GET ? array_keys($_GET) : "
+                         "array(), 0, 20) as $k) { $n = str_replace('_dot_', '.', $k); echo $n, '=', ini_get($n), \"\\n\"; }\n")
 
     # -- helpers of the tests --
     def setUp(self):
