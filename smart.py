@@ -3317,14 +3317,23 @@ class Runner:
         return self.locked(lambda: self.each(experiments, start))
 
     def run_rotation(self, experiments) -> int:
-        """The timer's pass: every experiment that is not resting (settled, or tried within RETRY_HOURS);
-        a settled one whose kept variant is due for its re-check (RECHECK_DAYS) is re-checked."""
+        """The timer's pass: one trial, of the first experiment in name order that is not resting
+        (settled, or tried within RETRY_HOURS) - a settled one whose kept variant is due for its
+        re-check (RECHECK_DAYS) is re-checked; the others wait for a later pass, so that a pass fits
+        the service's time box whatever the size of the catalogue."""
+        tried = []
+
         def start(experiment):
+            if tried:
+                self.log(f"{experiment.id}: waits for a later pass (one trial a pass: {tried[0]} ran in this one)")
+                return "done"
             kept = self.recheck_due(experiment)
             if kept is not None:
+                tried.append(experiment.id)
                 return self.recheck(experiment, kept)
             why = self.resting(experiment)
             if why is None:
+                tried.append(experiment.id)
                 return self.run_experiment(experiment, Trial.run)
             self.log(f"{experiment.id}: {why}")
             state = read_json(self.home.state)

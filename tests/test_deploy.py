@@ -16,6 +16,7 @@ test_nginx_experiment.py.
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import hashlib
 import http.client
@@ -688,10 +689,25 @@ class SudoersTest(unittest.TestCase):
         return f"smart ALL=(root) NOPASSWD: {self.nginx if helper == 'nginx' else self.php} {' '.join(argv)}"
 
     def base(self):
-        return self.HEAD + [self.rule("nginx", "test"), self.rule("php", "test"),
-                            self.rule("nginx", "set", "worker_processes", "auto"),
-                            self.rule("nginx", "set", "worker_processes", "2"),
-                            self.rule("nginx", "reset", "worker_processes"), self.rule("nginx", "get", "worker_processes")]
+        """The drop-in of the shipped catalogue, derived from its meta.json files: each helper's test,
+        then for each experiment with a helper (name order) a set per variant (names sorted, a sweep's
+        values expanded as smart.py does), the reset and the get of all its names; each vector once."""
+        rules = self.HEAD + [self.rule("nginx", "test"), self.rule("php", "test")]
+        for path in sorted(glob.glob(os.path.join(REPO_ROOT, "experiments", "*", "meta.json"))):
+            with open(path) as handle:
+                meta = json.load(handle)
+            if not meta.get("helper"):
+                continue
+            helper = meta["helper"].split("-", 1)[1]
+            variants = smart.sweep_variants(meta["sweep"]) if "sweep" in meta else meta["variants"]
+            sets = [variant["set"] for variant in variants if variant.get("set")]
+            names = sorted({name for pairs in sets for name in pairs})
+            argvs = [["set", *(word for name in sorted(pairs) for word in (name, pairs[name]))] for pairs in sets]
+            for argv in argvs + [["reset", *names], ["get", *names]]:
+                if self.rule(helper, *argv) not in rules:
+                    rules.append(self.rule(helper, *argv))
+        self.assertIn(self.rule("nginx", "set", "worker_processes", "auto"), rules)     # 001's, for one
+        return rules
 
     def add_experiment(self, name, helper, variants):
         folder = os.path.join(self.experiments, name)
@@ -711,7 +727,7 @@ class SudoersTest(unittest.TestCase):
         self.visudo()
         self.assertEqual(self.rules(), self.base())
         self.add_experiment("050_php_pool", "smart-php", [
-            {"name": "static4", "set": {"pm.max_children": "4", "pm": "static"}},
+            {"name": "static5", "set": {"pm.max_children": "5", "pm": "static"}},
             {"name": "opcache_off", "set": {"opcache.enable": "0"}}])
         self.add_experiment("051_nginx_cache", "smart-nginx", [
             {"name": "micro5", "set": {"open_file_cache": "1000", "microcache": "5"}},
@@ -720,7 +736,7 @@ class SudoersTest(unittest.TestCase):
         self.assertIn("update " + self.sudoers, again.stdout)
         self.visudo()
         self.assertEqual(self.rules(), self.base() + [
-            self.rule("php", "set", "pm", "static", "pm.max_children", "4"),
+            self.rule("php", "set", "pm", "static", "pm.max_children", "5"),
             self.rule("php", "set", "opcache.enable", "0"),
             self.rule("php", "reset", "opcache.enable", "pm", "pm.max_children"),
             self.rule("php", "get", "opcache.enable", "pm", "pm.max_children"),
@@ -810,6 +826,19 @@ class SudoersTest(unittest.TestCase):
         expected = [rule.split("NOPASSWD: ", 1)[1].replace("smart ALL", f"{user} ALL") for rule in self.base()[1:]]
         self.assertEqual(commands, expected, listed.stdout)
         self.assertNotIn("(ALL)", listed.stdout.split("may run the following commands", 1)[-1])
+        # each an exact vector: any one word put outside the helper's grammar is refused (exit 2)
+        for command in commands:
+            helper, verb, *words = command.split()
+            for index in range(len(words) if words else 1):
+                with self.subTest(command=command, word=index):
+                    if not words:
+                        outside = [verb, "now"]                       # test takes no argument
+                    elif verb == "set":
+                        outside = [verb, *words[:index], "-1" if index % 2 else "root", *words[index + 1:]]
+                    else:
+                        outside = [verb, *words[:index], "root", *words[index + 1:]]
+                    code, out, err = run_helper(helper, "check", *outside)
+                    self.assertEqual(code, 2, f"{helper} check {' '.join(outside)}: {out}{err}")
 
 
 class UnitsTest(unittest.TestCase):
@@ -861,30 +890,32 @@ class UnitsTest(unittest.TestCase):
         self.assertGreater(seconds(service["TimeoutStopSec"][0]), smart.SETTINGS["COMMAND_TIMEOUT_SECONDS"][0])
 
     def test_time_box_covers_the_shipped_experiments_and_stays_under_the_period(self):
-        """TimeoutStartSec >= what the shipped experiments measure at the defaults, plus their commands."""
+        """TimeoutStartSec >= what the longest shipped experiment measures at the defaults, plus its
+        commands: the timer's pass runs one trial (docs/SPEC.md, "Settled experiments")."""
         service = unit_settings(self.service)
         timer = unit_settings(self.timer)
         settings = {key: spec[0] for key, spec in smart.SETTINGS.items()}
         per_command = 2.0              # a helper call: python start, nginx -t, reload (about 0.2 s here)
-        measuring, commands = 0.0, 2   # the recovery revert and the baseline's apply
         root = os.path.join(REPO_ROOT, "experiments")
+        worst = 0.0
         for folder in sorted(os.listdir(root)):
             experiment = smart.load_experiment(os.path.join(root, folder))
             length = lambda key: float(experiment.seconds.get(key.lower()) or settings.get(key, 0))  # noqa: E731
             variants = len(experiment.candidates)
             timeout = float(experiment.measure.get("timeout", 5))
             design = getattr(experiment, "design", None) or settings.get("DESIGN", "sequential")
+            commands = 2               # the recovery revert and the baseline's apply
             if design == "switchback":
                 blocks = int(getattr(experiment, "blocks", None) or settings["BLOCKS"])
                 warmup = length("WARMUP_SECONDS")
-                measuring += warmup + variants * (2 * blocks * warmup + length("BASELINE_SECONDS")
-                                                  + length("EXPERIMENT_SECONDS") + timeout)
+                measuring = warmup + variants * (2 * blocks * warmup + length("BASELINE_SECONDS")
+                                                 + length("EXPERIMENT_SECONDS") + timeout)
                 commands += variants * (2 * blocks + 1)
             else:
-                measuring += length("BASELINE_SECONDS") + timeout + variants * (
+                measuring = length("BASELINE_SECONDS") + timeout + variants * (
                     length("COOLDOWN_SECONDS") + length("EXPERIMENT_SECONDS") + timeout)
                 commands += 2 * variants
-        worst = measuring + commands * per_command
+            worst = max(worst, measuring + commands * per_command)
         box = seconds(service["TimeoutStartSec"][0])
         self.assertGreaterEqual(box, worst, f"TimeoutStartSec {box:g} s < {worst:g} s of measuring and commands")
         self.assertEqual(timer["OnCalendar"], ["*:00/30"])

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +66,51 @@ def read(path):
         return handle.read()
 
 
+def install(stack, tmp):
+    """deploy/install.sh into tmp/prefix with both helpers pointed at stack (reloads by signal, as on a
+    box without systemd; nginx through a wrapper that notes each reload in reload_log); nginx reloaded
+    for the probes' snippet.  Returns what a test needs: prefix, home, helpers, reload_log, cache_dir,
+    dropin, probes, pool_dropin, ini_dropin, install_output."""
+    reload_log = os.path.join(tmp, "nginx-reloads")
+    wrapper = os.path.join(tmp, "nginx")
+    with open(wrapper, "w") as handle:
+        handle.write(f'#!/bin/sh\n# nginx for smart-nginx under test: notes each reload\n'
+                     f'case " $* " in *" reload "*) echo "reload $(date +%s.%N)" >> {reload_log} ;; esac\n'
+                     f'exec {stack_module.NGINX} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    prefix = os.path.join(tmp, "prefix")
+    cache_dir = os.path.join(stack.nginx_dir, "cache", "smart-micro")
+    done = subprocess.run(["bash", os.path.join(DEPLOY, "install.sh"), "--prefix", prefix,
+                           "--nginx-conf", stack.nginx_conf, "--nginx-bin", wrapper, "--reload", "signal",
+                           "--nginx-cache-dir", cache_dir, "--php-fpm-conf", stack.php_fpm_conf,
+                           "--php-reload", "signal", "--server-name", "smart.test"],
+                          capture_output=True, text=True, timeout=120, env=clean_env(), stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise AssertionError(f"install.sh exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    stack.reload_nginx()          # the probes' snippet and the conditional access_log, installed above
+    return types.SimpleNamespace(
+        prefix=prefix, home=os.path.join(prefix, "opt", "smart"), reload_log=reload_log, cache_dir=cache_dir,
+        install_output=done.stdout,
+        helpers={name: os.path.join(prefix, "usr", "local", "sbin", f"smart-{name}") for name in ("nginx", "php")},
+        dropin=os.path.join(stack.nginx_conf_d, "zz-smart-tuning.conf"),
+        probes=os.path.join(stack.nginx_conf_d, "smart-probes.conf"),
+        pool_dropin=os.path.join(stack.php_pool_d, "zz-smart.conf"),
+        ini_dropin=os.path.join(stack.php_conf_d, "99-smart.ini"))
+
+
+def snapshot(stack, cache_dir):
+    """Every file of the stack's nginx and PHP configuration, and whether the micro-cache folder exists."""
+    files = {}
+    for folder in (stack.nginx_dir, stack.nginx_conf_d, stack.nginx_sites_enabled, stack.php_dir,
+                   stack.php_pool_d, stack.php_conf_d):
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not name.endswith((".pid", ".sock")):
+                files[path] = read(path)
+    files["cache dir exists"] = os.path.exists(cache_dir)
+    return files
+
+
 class HelperSourceTest(unittest.TestCase):
     """Without a stack: the helpers' shared code is one text, and check/refusals read no file."""
 
@@ -96,20 +142,26 @@ class HelperSourceTest(unittest.TestCase):
 
 
 class Prober(threading.Thread):
-    """`threads` loops of GET url on a new connection each until stopped; counts requests and failures."""
+    """`threads` loops of GET / on url's host (http or https) on a new connection each until stopped; counts
+    requests and failures."""
 
     def __init__(self, url, threads=4):
         super().__init__(daemon=True)
         self.url, self.threads = url, threads
         self.requests = 0
         self.failures = []
+        self.failed_at = []         # time.time() of each failure
         self.halt = threading.Event()
         self.lock = threading.Lock()
 
     def loop(self):
-        host, port = self.url.split("//", 1)[1].split("/", 1)[0].split(":")
+        scheme, rest = self.url.split("://", 1)
+        host, port = rest.split("/", 1)[0].split(":")
         while not self.halt.is_set():
-            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=stack_module.insecure_context())
+            else:
+                conn = http.client.HTTPConnection(host, int(port), timeout=10)
             try:
                 conn.request("GET", "/")
                 response = conn.getresponse()
@@ -123,6 +175,7 @@ class Prober(threading.Thread):
                 self.requests += 1
                 if failure:
                     self.failures.append(failure)
+                    self.failed_at.append(time.time())
 
     def run(self):
         loops = [threading.Thread(target=self.loop, daemon=True) for _ in range(self.threads)]
@@ -146,49 +199,35 @@ class Prober(threading.Thread):
     least = 20
 
 
-class StackHelpersTest(unittest.TestCase):
+class InstalledStack(unittest.TestCase):
+    """A Stack for the class, with deploy/install.sh installed into a temporary prefix pointed at it:
+    every name install() returns is a class attribute.  prepare_stack() runs before the install,
+    installed() after it; the stack stops in tearDownClass."""
+
+    tmp_prefix = "smart-helpers-"
 
     @classmethod
     def setUpClass(cls):
         stack_module.require()
-        cls.tmp = tempfile.mkdtemp(prefix="smart-helpers-")
+        cls.tmp = tempfile.mkdtemp(prefix=cls.tmp_prefix)
         cls.stack = stack_module.Stack().start()
         try:
-            cls._install()
+            cls.prepare_stack()
+            for name, value in vars(install(cls.stack, cls.tmp)).items():
+                setattr(cls, name, value)
+            cls.installed()
         except BaseException:
             cls.stack.stop()
             shutil.rmtree(cls.tmp, True)
             raise
 
     @classmethod
-    def _install(cls):
-        stack = cls.stack
-        cls.reload_log = os.path.join(cls.tmp, "nginx-reloads")
-        cls.wrapper = os.path.join(cls.tmp, "nginx")
-        with open(cls.wrapper, "w") as handle:
-            handle.write(f'#!/bin/sh\n# nginx for smart-nginx under test: notes each reload\n'
-                         f'case " $* " in *" reload "*) echo reload >> {cls.reload_log} ;; esac\n'
-                         f'exec {stack_module.NGINX} "$@"\n')
-        os.chmod(cls.wrapper, 0o755)
-        cls.prefix = os.path.join(cls.tmp, "prefix")
-        cls.cache_dir = os.path.join(stack.nginx_dir, "cache", "smart-micro")
-        done = subprocess.run(["bash", os.path.join(DEPLOY, "install.sh"), "--prefix", cls.prefix,
-                               "--nginx-conf", stack.nginx_conf, "--nginx-bin", cls.wrapper, "--reload", "signal",
-                               "--nginx-cache-dir", cls.cache_dir, "--php-fpm-conf", stack.php_fpm_conf,
-                               "--php-reload", "signal", "--server-name", "smart.test"],
-                              capture_output=True, text=True, timeout=120, env=clean_env(), stdin=subprocess.DEVNULL)
-        if done.returncode != 0:
-            raise AssertionError(f"install.sh exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
-        cls.install_output = done.stdout
-        cls.helpers = {name: os.path.join(cls.prefix, "usr", "local", "sbin", f"smart-{name}") for name in ("nginx", "php")}
-        cls.dropin = os.path.join(stack.nginx_conf_d, "zz-smart-tuning.conf")
-        cls.probes = os.path.join(stack.nginx_conf_d, "smart-probes.conf")
-        cls.pool_dropin = os.path.join(stack.php_pool_d, "zz-smart.conf")
-        cls.ini_dropin = os.path.join(stack.php_conf_d, "99-smart.ini")
-        with open(os.path.join(stack.wordpress_dir, INI_PROBE), "w") as handle:
-            handle.write("<?php\nheader('Content-Type: text/plain');\nforeach (array_slice($_GET ? array_keys($_GET) : "
-                         "array(), 0, 20) as $k) { $n = str_replace('_dot_', '.', $k); echo $n, '=', ini_get($n), \"\\n\"; }\n")
-        cls.reload_nginx()          # the probes' snippet and the conditional access_log, installed above
+    def prepare_stack(cls):
+        pass
+
+    @classmethod
+    def installed(cls):
+        pass
 
     @classmethod
     def tearDownClass(cls):
@@ -197,9 +236,14 @@ class StackHelpersTest(unittest.TestCase):
         finally:
             shutil.rmtree(cls.tmp, True)
 
+
+class StackHelpersTest(InstalledStack):
+
     @classmethod
-    def reload_nginx(cls):
-        cls.stack.reload_nginx()
+    def installed(cls):
+        with open(os.path.join(cls.stack.wordpress_dir, INI_PROBE), "w") as handle:
+            handle.write("<?php\nheader('Content-Type: text/plain');\nforeach (array_slice($_GET ? array_keys($_GET) : "
+                         "array(), 0, 20) as $k) { $n = str_replace('_dot_', '.', $k); echo $n, '=', ini_get($n), \"\\n\"; }\n")
 
     # -- helpers of the tests --
     def setUp(self):
@@ -218,17 +262,7 @@ class StackHelpersTest(unittest.TestCase):
         self.assertEqual(self.snapshot(), self.before, "a test left the stack's files changed")
 
     def snapshot(self):
-        """Every file of the stack's nginx and PHP configuration, and whether the cache folder exists."""
-        stack = self.stack
-        files = {}
-        for folder in (stack.nginx_dir, stack.nginx_conf_d, stack.nginx_sites_enabled, stack.php_dir,
-                       stack.php_pool_d, stack.php_conf_d):
-            for name in os.listdir(folder):
-                path = os.path.join(folder, name)
-                if os.path.isfile(path) and not name.endswith((".pid", ".sock")):
-                    files[path] = read(path)
-        files["cache dir exists"] = os.path.exists(self.cache_dir)
-        return files
+        return snapshot(self.stack, self.cache_dir)
 
     def helper(self, *argv, helper="nginx", wait=True):
         """Run an installed helper; when it reloaded, wait until the new workers serve alone."""
@@ -263,7 +297,7 @@ class StackHelpersTest(unittest.TestCase):
                 text = handle.read()
         except FileNotFoundError:
             return 0
-        return text.count("reload\n") if helper == "nginx" else text.count("Reloading in progress")
+        return text.count("reload ") if helper == "nginx" else text.count("Reloading in progress")
 
     def get_values(self, helper, *names):
         code, out, err = self.helper("get", *names, helper=helper)

@@ -1050,6 +1050,24 @@ exit {code}
         self.assertIn("pre-run hook", self.run_log())
         self.assertEqual([h["status"] for h in self.history()], ["failed"])
 
+    def test_the_timers_pass_runs_one_trial_and_the_next_pass_the_next_experiment(self):
+        # SPEC "One trial a pass": a pass fits the service's time box however many experiments there are
+        self.quick_experiment("001_a", names=("v1",), file="a.conf")
+        self.quick_experiment("002_b", names=("w1",), file="b.conf")
+        rc, out, err = self.cli("run")
+        self.assertEqual(rc, 0, out + err)
+        self.assertEqual([h["experiment"] for h in self.history()], ["001_a"])
+        self.assertNotIn("apply w1", self.order())
+        self.assertIn("002_b: waits for a later pass (one trial a pass: 001_a ran in this one)", out)
+        time.sleep(1.05)                                           # a new RUN_ID second
+        rc, out, err = self.cli("run")
+        self.assertEqual(rc, 0, out + err)
+        self.assertEqual([h["experiment"] for h in self.history()], ["001_a", "002_b"], "001_a rests, 002_b's turn")
+        self.assertIn("apply w1", self.order())
+        rc, out, err = self.cli("run", "001_a", "002_b")
+        self.assertEqual(rc, 0, out + err)
+        self.assertEqual([h["experiment"] for h in self.history()][2:], ["001_a", "002_b"], "named: all of them run")
+
 
 if __name__ == "__main__":
     unittest.main()
