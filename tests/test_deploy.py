@@ -446,7 +446,8 @@ class InstallTest(unittest.TestCase):
         with open(conf, "a") as handle:
             handle.write("KEEP_RUNS=50\n")
         meta = self.path("opt/smart/experiments/001_nginx_workers/meta.json")
-        edited = read_bytes(meta).replace(b"http://127.0.0.1/", b"http://127.0.0.1:8080/")
+        edited = read_bytes(meta).replace(b'"rate": 20', b'"rate": 30')
+        self.assertNotEqual(edited, read_bytes(meta))
         with open(meta, "wb") as handle:
             handle.write(edited)
         upgrade = self.install(check=False)

@@ -859,7 +859,8 @@ class Template:
             if cls.home is None:
                 t = Trial("template", 0)
                 t.start()
-                t.settings(design="sequential", early="no", keep_runs=3)
+                t.settings(design="sequential", early="no", keep_runs=3, baseline=1, experiment=1, warmup=0,
+                           cooldown=0)
                 t.experiment_of(["fast1", "v2"], apply_sleep=(0, 0), revert_sleep=(0, 0), scale=0)
                 rc, out, err = t.command("run", EXP)
                 if rc != 0 or t.server() != "fast1":
@@ -959,6 +960,11 @@ def corrupt(t: Trial, name, how):
     return watched
 
 
+def read_bytes(path):
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
 def snapshot(path):
     """What a watched outside file or folder holds now."""
     if os.path.isdir(path):
@@ -966,7 +972,7 @@ def snapshot(path):
         for root, dirs, files in os.walk(path):
             for entry in dirs + files:
                 full = os.path.join(root, entry)
-                found[os.path.relpath(full, path)] = open(full, "rb").read() if os.path.isfile(full) else None
+                found[os.path.relpath(full, path)] = read_bytes(full) if os.path.isfile(full) else None
         return found
     with open(path, "rb") as handle:
         return handle.read()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -547,7 +548,7 @@ class SignalsAndRecovery(RunTestCase):
         self.assertEqual(rc, 1, out + err)
         hold = int(self.read("hold.pid"))
         self.assertTrue(wait_for(lambda: not os.path.exists(f"/proc/{hold}/cmdline")
-                                 or not open(f"/proc/{hold}/cmdline", "rb").read(), 2),
+                                 or not pathlib.Path(f"/proc/{hold}/cmdline").read_bytes(), 2),
                         "measure.sh was not killed on SIGTERM")
         self.assertEqual(self.server(), "baseline")
         self.assertEqual(self.order(), ["apply baseline", "apply hold1", "revert"])
