@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import http.client
 import json
 import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -216,20 +214,10 @@ class Prober(threading.Thread):
         while not self.halt.wait(self.every):
             url = self.urls[index % len(self.urls)]
             index += 1
-            parts = urllib.parse.urlsplit(url)
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-            try:
-                conn.request("GET", parts.path or "/")
-                response = conn.getresponse()
-                response.read()
-                failure = None if response.status == 200 else f"HTTP {response.status}"
-            except (OSError, http.client.HTTPException) as exc:
-                failure = repr(exc)
-            finally:
-                conn.close()
+            failure = stack_module.fetch_failure(url)
             self.requests += 1
             if failure:
-                self.failures.append((time.strftime("%H:%M:%S"), parts.path, failure))
+                self.failures.append((time.strftime("%H:%M:%S"), urllib.parse.urlsplit(url).path, failure))
 
 
 def start_wrk(url, work):
@@ -487,7 +475,7 @@ def main(argv=None) -> int:
     aa_kept = [(e["experiment"], e["kept"]) for e in facts["experiments"] if e["kept"] and e["kept"] in e["aa"]]
     prober, seen = facts["prober"], facts["wrk"]
     facts_lines = [
-        f"page mix (weights): " + ", ".join(f"{label} {weight}" for label, _, weight in mix(stack)) +
+        "page mix (weights): " + ", ".join(f"{label} {weight}" for label, _, weight in mix(stack)) +
         f"; open loop {PROBE_RATE}/s, {PROBE_REPEATS} x {PROBE_SECONDS} s pooled; held/s: highest rate of the ramp "
         f"{RAMP[0]}..{RAMP[-1]}/s ({RAMP_SECONDS} s steps) with p99 <= {P99_LIMIT_MS:g} ms and no failure",
         f"one CPU: nginx, PHP-FPM, MariaDB, probers and wrk on CPU {args.cpu} (of {os.cpu_count()}); "

@@ -155,6 +155,25 @@ def insecure_context() -> ssl.SSLContext:
     return context
 
 
+def fetch_failure(url, timeout=10):
+    """One GET of url (http or https, any certificate) on a new connection: None when it answered
+    200 with its whole body, else what went wrong ("HTTP 502", "IncompleteRead(...)")."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=insecure_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path or "/")
+        response = conn.getresponse()
+        response.read()
+        return None if response.status == 200 else f"HTTP {response.status}"
+    except (OSError, http.client.HTTPException) as exc:
+        return repr(exc)
+    finally:
+        conn.close()
+
+
 def cookie_header(cookies: dict) -> str:
     """The Cookie header value for a {name: value} dict such as Stack.login() returns."""
     return "; ".join(f"{name}={value}" for name, value in cookies.items())

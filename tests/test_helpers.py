@@ -19,7 +19,6 @@ fail.  Everything listens on 127.0.0.1; the stack stops in tearDownClass.
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import shutil
@@ -155,22 +154,9 @@ class Prober(threading.Thread):
         self.lock = threading.Lock()
 
     def loop(self):
-        scheme, rest = self.url.split("://", 1)
-        host, port = rest.split("/", 1)[0].split(":")
+        front = "/".join(self.url.split("/", 3)[:3]) + "/"      # scheme://host:port/
         while not self.halt.is_set():
-            if scheme == "https":
-                conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=stack_module.insecure_context())
-            else:
-                conn = http.client.HTTPConnection(host, int(port), timeout=10)
-            try:
-                conn.request("GET", "/")
-                response = conn.getresponse()
-                response.read()
-                failure = None if response.status == 200 else f"HTTP {response.status}"
-            except (OSError, http.client.HTTPException) as exc:
-                failure = repr(exc)
-            finally:
-                conn.close()
+            failure = stack_module.fetch_failure(front)
             with self.lock:
                 self.requests += 1
                 if failure:
