@@ -61,12 +61,7 @@ RAMP_SECONDS = 6
 P99_LIMIT_MS = 200.0
 JS_PATH = "/wp-includes/js/wp-embed.min.js"
 
-NGINX_NAMES = ("microcache", "open_file_cache", "ssl_session_cache", "ssl_session_tickets", "ssl_session_timeout",
-               "worker_connections", "worker_processes")
-PHP_NAMES = ("opcache.enable", "opcache.interned_strings_buffer", "opcache.max_accelerated_files",
-             "opcache.memory_consumption", "opcache.revalidate_freq", "opcache.validate_timestamps", "pm",
-             "pm.max_children", "pm.max_requests", "pm.max_spare_servers", "pm.min_spare_servers",
-             "pm.process_idle_timeout", "pm.start_servers", "realpath_cache_size", "realpath_cache_ttl")
+NGINX_NAMES, PHP_NAMES = stack_module.NGINX_NAMES, stack_module.PHP_NAMES
 # bench/HAND_TUNED.md says where each value comes from.
 HAND_TUNED = {
     "nginx": {"microcache": "10", "open_file_cache": "10000", "ssl_session_cache": "10",

@@ -93,6 +93,13 @@ ADMIN_PASSWORD = "smart-stack-admin-password"
 ADMIN_NAME = "Stack Admin"
 ARTICLE_SLUG = "a-long-article"
 STATIC_PATH = "/wp-includes/blocks/navigation/style.min.css"
+# Every name deploy/smart-nginx and deploy/smart-php can set, in their tables' order.
+NGINX_NAMES = ("microcache", "open_file_cache", "ssl_session_cache", "ssl_session_tickets", "ssl_session_timeout",
+               "worker_connections", "worker_processes")
+PHP_NAMES = ("opcache.enable", "opcache.interned_strings_buffer", "opcache.max_accelerated_files",
+             "opcache.memory_consumption", "opcache.revalidate_freq", "opcache.validate_timestamps", "pm",
+             "pm.max_children", "pm.max_requests", "pm.max_spare_servers", "pm.min_spare_servers",
+             "pm.process_idle_timeout", "pm.start_servers", "realpath_cache_size", "realpath_cache_ttl")
 
 # Folders of /usr/share/wordpress whose PHP files are copied (entry points that find wp-load.php
 # and wp-config.php through __DIR__); everything else is a symlink.

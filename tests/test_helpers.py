@@ -37,12 +37,7 @@ from helpers import REPO_ROOT, clean_env  # noqa: E402
 
 DEPLOY = os.path.join(REPO_ROOT, "deploy")
 HELPERS = {name: os.path.join(DEPLOY, f"smart-{name}") for name in ("nginx", "php")}
-NGINX_NAMES = ("microcache", "open_file_cache", "ssl_session_cache", "ssl_session_tickets", "ssl_session_timeout",
-               "worker_connections", "worker_processes")
-PHP_NAMES = ("opcache.enable", "opcache.interned_strings_buffer", "opcache.max_accelerated_files",
-             "opcache.memory_consumption", "opcache.revalidate_freq", "opcache.validate_timestamps", "pm",
-             "pm.max_children", "pm.max_requests", "pm.max_spare_servers", "pm.min_spare_servers",
-             "pm.process_idle_timeout", "pm.start_servers", "realpath_cache_size", "realpath_cache_ttl")
+NGINX_NAMES, PHP_NAMES = stack_module.NGINX_NAMES, stack_module.PHP_NAMES
 # One value a name can take on the stack (its defaults: Debian's www pool, dynamic 5/2/1/3).
 NGINX_VALUES = {"microcache": "5", "open_file_cache": "1000", "ssl_session_cache": "10", "ssl_session_tickets": "off",
                 "ssl_session_timeout": "600", "worker_connections": "1024", "worker_processes": "2"}
