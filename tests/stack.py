@@ -473,9 +473,9 @@ class Stack:
 
     def reload_nginx(self, timeout=START_TIMEOUT):
         """`nginx -c DIR/nginx/nginx.conf -s reload`, then wait until new workers serve and the old ones
-        are gone.  For about 100 ms after a reload old and new workers both accept, and an old worker told
-        then to shut down may abort a request it accepted ("open socket #N left in connection", "aborting"
-        in error.log): waiting keeps a caller's next request off the old workers."""
+        are gone.  A stock reload like this one may cut a PHP page in flight (nginx 1.22's ticket #2367:
+        "open socket #N left in connection", "aborting" in error.log); deploy/smart-nginx's reloads wait
+        for such requests."""
         old = set(self.nginx_workers())
         done = subprocess.run([NGINX, "-c", self.nginx_conf, "-s", "reload"], capture_output=True, text=True,
                               timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)

@@ -38,18 +38,12 @@ from helpers import REPO_ROOT, clean_env, import_smart  # noqa: E402
 smart = import_smart()
 
 # Sequential design, short arms: a run is a baseline and one arm per variant, so the whole catalogue
-# fits in about a minute and a half; MIN_SAMPLES 10 lets a 1.5 s arm at 10 requests/s be judged.  The
-# cool-down (60 s by default) outlasts RELOAD_WINDOW, as it must: an arm is not measured across the
-# reload that applied its variant.
+# fits in about a minute and a half; MIN_SAMPLES 10 lets a 1.5 s arm at 10 requests/s be judged.
 SHORT = {"DESIGN": "sequential", "BASELINE_SECONDS": "1.5", "EXPERIMENT_SECONDS": "1.5", "COOLDOWN_SECONDS": "1",
          "WARMUP_SECONDS": "0.3", "BLOCKS": "2", "LOOK_SECONDS": "1", "MIN_SAMPLES": "10",
          "COMMAND_TIMEOUT_SECONDS": "30", "PHONE_HOME": "never", "RECHECK_DAYS": "0"}
 LENGTHS = ("baseline_seconds", "experiment_seconds", "cooldown_seconds", "warmup_seconds", "blocks", "design")
 SKIPPED = ("001_nginx_workers",)      # tests/test_nginx_experiment.py
-# An nginx reload's old workers close the connections they accepted but had not read yet (nginx's
-# graceful shutdown closes idle connections): a client may see one dropped within a second of a
-# reload (DEPLOYMENT.md, "What reloads cost").  That, and nothing else, is forgiven the prober.
-RELOAD_WINDOW = 1.0
 
 
 class Prober(helpers_test.Prober):
@@ -100,34 +94,18 @@ class CatalogueTest(helpers_test.InstalledStack):
                               capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
 
     def run_experiment(self, experiment, **settings):
-        """smart.py run EXPERIMENT under a prober on the HTTP and one on the HTTPS site: (done, state)."""
-        reloads = self.nginx_reloads()
+        """smart.py run EXPERIMENT under a prober on the HTTP and one on the HTTPS site: (done, state).
+        Neither prober may see a failed request, and no old nginx worker may exit with a connection open."""
+        aborted = self.aborted_connections()
         with Prober(self.stack.http_url, threads=1) as http, Prober(self.stack.https_url, threads=1) as https:
             done = self.smart("run", experiment, **settings)
         with open(os.path.join(self.home, "var", "state.json")) as handle:
             state = json.load(handle)
-        reloads = self.nginx_reloads()[len(reloads):]
         for prober in (http, https):
             self.assertGreaterEqual(prober.requests, Prober.least)
-            self.assertEqual(self.unexplained(prober, reloads), [], f"{prober.url}: failed requests")
-        return done, state, reloads
-
-    def nginx_reloads(self) -> list:
-        """time.time() of each nginx reload so far, from the wrapper's log."""
-        try:
-            with open(self.reload_log) as handle:
-                return [float(line.split()[1]) for line in handle if line.startswith("reload ")]
-        except FileNotFoundError:
-            return []
-
-    def unexplained(self, prober, reloads) -> list:
-        """The prober's failures that nginx's reload does not explain: any HTTP status but 200, a dropped
-        connection more than RELOAD_WINDOW after the last reload, or more dropped ones than reloads."""
-        found = [failure for failure, at in zip(prober.failures, prober.failed_at)
-                 if failure.startswith("HTTP ") or not self.within_reload_window(at, reloads)]
-        if len(prober.failures) > len(reloads):
-            found.append(f"{len(prober.failures)} failures for {len(reloads)} nginx reloads")
-        return found
+            self.assertEqual(prober.failures, [], f"{prober.url}: failed requests")
+        self.assertEqual(self.aborted_connections(), aborted, "an old nginx worker exited with a connection open")
+        return done, state
 
     def helper_of(self, meta):
         return self.helpers[meta["helper"].split("-", 1)[1]]
@@ -140,11 +118,8 @@ class CatalogueTest(helpers_test.InstalledStack):
 
     # -- what every run must leave --
     def wait_old_nginx_workers_gone(self, timeout=20):
-        """Until RELOAD_WINDOW has passed since the last nginx reload and no worker is "shutting down"
-        (the old ones of a reload), so that a check's request meets a new worker, not the reload's race."""
-        reloads = self.nginx_reloads()
-        if reloads:
-            time.sleep(max(0.0, reloads[-1] + RELOAD_WINDOW - time.time()))
+        """Until no worker is "shutting down" (the old ones of a reload), so that a check's request meets
+        the new workers."""
         def shutting_down(pid):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as handle:
@@ -163,9 +138,8 @@ class CatalogueTest(helpers_test.InstalledStack):
         for url in (self.stack.front_url, self.stack.static_url, self.stack.https_url + "/"):
             self.assertEqual(self.stack.get(url)[0], 200, url)
 
-    def assert_no_failed_rows(self, state, reloads):
-        """No 0 or 5xx row in the judged CSVs; in a warm-up (the cool-down after a switch, measured but
-        not judged) only a dropped connection (0) within RELOAD_WINDOW of an nginx reload."""
+    def assert_no_failed_rows(self, state):
+        """No 0 or 5xx row in any of the run's CSVs, the warm-ups after each switch included."""
         run_dir = os.path.join(self.home, "var", "runs", state["run_id"])
         paths = glob.glob(os.path.join(run_dir, "*.csv.gz")) + glob.glob(os.path.join(run_dir, "*.csv"))
         self.assertIn(os.path.join(run_dir, "baseline.csv.gz"), paths)
@@ -175,15 +149,7 @@ class CatalogueTest(helpers_test.InstalledStack):
             if path.endswith("baseline.csv.gz"):
                 self.assertTrue(rows, path)     # a variant's arm may be empty: the guard reverted it at once
             bad = [row for row in rows if int(row["response_code"]) == 0 or int(row["response_code"]) >= 500]
-            if "_warmup.csv" in path:
-                bad = [row for row in bad if row["response_code"] != "0" or not self.within_reload_window(
-                    smart._epoch(row["timestamp"].replace("Z", "+00:00")) + float(row["latency_ms"]) / 1000, reloads)]
             self.assertEqual(bad, [], f"{os.path.basename(path)}: failed probes")
-
-    @staticmethod
-    def within_reload_window(at, reloads) -> bool:
-        since = [at - reload for reload in reloads if reload <= at]
-        return bool(since) and min(since) <= RELOAD_WINDOW
 
     def assert_verdicts(self, meta, state):
         """A decision and its reason for each variant tried, in the catalogue's order; the sweep's walk."""
@@ -245,13 +211,13 @@ class CatalogueTest(helpers_test.InstalledStack):
             print(f"\n  verdicts: {json.dumps(verdicts)}", file=sys.stderr)
 
     def check_run(self, experiment, meta):
-        done, state, reloads = self.run_experiment(experiment)
+        done, state = self.run_experiment(experiment)
         self.assertEqual(done.returncode, 0, f"{done.stdout}\n{done.stderr}")
         self.assertEqual(state["experiment"], experiment)
         self.assertEqual(state["status"], "done", state.get("reason"))
         kept = self.assert_verdicts(meta, state)
         self.assert_services_pass_their_tests()
-        self.assert_no_failed_rows(state, reloads)
+        self.assert_no_failed_rows(state)
         self.assertFalse(os.path.exists(os.path.join(self.home, "var", "applied.json")))
         if kept is None:
             self.assert_original("every variant reverted: the files as they were")
@@ -285,7 +251,7 @@ class CatalogueTest(helpers_test.InstalledStack):
                 "measure": {"rate": 10, "timeout": 10}}
         with open(os.path.join(folder, "meta.json"), "w") as handle:
             json.dump(meta, handle)
-        done, state, reloads = self.run_experiment("090_broken_children", IMPROVE_PCT="99.9")
+        done, state = self.run_experiment("090_broken_children", IMPROVE_PCT="99.9")
         self.assertEqual(done.returncode, 0, f"{done.stdout}\n{done.stderr}")
         self.assertEqual(state["status"], "done", state.get("reason"))
         broken, other = state["variants"]
@@ -294,7 +260,7 @@ class CatalogueTest(helpers_test.InstalledStack):
         self.assertEqual((other["name"], other["decision"]), ("requests_500", "revert"), "the run goes on")
         self.assert_original("a refused variant leaves nothing behind")
         self.assert_services_pass_their_tests()
-        self.assert_no_failed_rows(state, reloads)
+        self.assert_no_failed_rows(state)
 
 
 if __name__ == "__main__":
