@@ -6,8 +6,8 @@ install.yml runs deploy/install.sh --prefix there; the other cases copy smart.py
 and its own smart.DemoTarget on 127.0.0.1 (a port the OS picks), started in this process; every
 host's experiment 050_fleet_cache switches its target's mode file between plain (20 ms a page) and
 cached (~0 ms). web1 is the canary; web2, web3, web4 are the waves (serial 1, 25%, 100% of three
-hosts: one host each). Settings are short and come through
-the inventory (smart_environment): sequential design, VERIFY_SECONDS 1.5, WARMUP_SECONDS 0.3.
+hosts: one host each). Settings are short and come through the inventory (smart_environment):
+sequential design, VERIFY_SECONDS 1.5, WARMUP_SECONDS 0.3.
 
 ansible-core (and ansible-lint) come from PyPI: a test dependency only (.ci/run installs them).
 Without ansible-playbook the tests skip, except under CI=true where they fail; likewise Chromium for
