@@ -219,9 +219,9 @@ class Fleet:
 
 
 def at_once(runs: dict) -> dict:
-    """{key: (fleet, playbook)} run side by side (each fleet is its own); {key: what Fleet.playbook returns}."""
+    """{key: (fleet, playbook, *args)} run side by side; {key: what Fleet.playbook returns}."""
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
-        futures = {key: pool.submit(fleet.playbook, playbook) for key, (fleet, playbook) in runs.items()}
+        futures = {key: pool.submit(fleet.playbook, *what) for key, (fleet, *what) in runs.items()}
         return {key: future.result() for key, future in futures.items()}
 
 
@@ -654,8 +654,8 @@ class SecretTests(unittest.TestCase):
         inventory = smart.read_json(cls.refused.inventory)
         inventory["all"]["vars"]["smart_environment"] = dict(SETTINGS, PHONE_HOME_TOKEN=TOKEN)
         smart.write_json(cls.refused.inventory, inventory)
-        cls.refused_runs = {playbook: cls.refused.playbook(playbook, "-vvv")
-                            for playbook in ("experiment.yml", "fleet-status.yml")}
+        cls.refused_runs = at_once({playbook: (cls.refused, playbook, "-vvv")
+                                    for playbook in ("experiment.yml", "fleet-status.yml")})
 
     def test_the_watch_sees_a_token_in_an_environment(self):
         with ProcessWatch(TOKEN) as watch:
@@ -705,12 +705,15 @@ class FleetPageSourceTests(unittest.TestCase):
 
 
 def render_fleet_page(test: unittest.TestCase, folder: str):
-    """Serve folder (fleet.html + fleet.json) on a free port; the DOM headless Chromium ends with."""
+    """Serve folder (fleet.html + fleet.json) on a free port; the DOM headless Chromium ends with.
+
+    One Chromium serves every page of the module (test_dashboard's DevTools, started at the first page,
+    stopped by a module cleanup)."""
     if not CHROMIUM:
         if os.environ.get("CI") == "true":
             raise AssertionError("chromium is missing and CI=true: the fleet page tests cannot be skipped")
         raise unittest.SkipTest("chromium is not installed")
-    from test_dashboard import Dom
+    from test_dashboard import DevTools, Dom
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -725,31 +728,12 @@ def render_fleet_page(test: unittest.TestCase, folder: str):
     test.addCleanup(thread.join, 10)
     test.addCleanup(server.server_close)
     test.addCleanup(server.shutdown)
-    profile = tempfile.mkdtemp(prefix="smart-chromium-")
-    test.addCleanup(shutil.rmtree, profile, True)
-    url = f"http://127.0.0.1:{server.server_address[1]}/fleet.html"
-    browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                                "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                                "--dump-dom", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
-
-    def kill():
-        if browser.poll() is None:
-            try:
-                os.killpg(browser.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            browser.wait()
-        browser.stdout.close()
-        browser.stderr.close()
-    test.addCleanup(kill)
-    try:
-        out, err = browser.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        test.fail("chromium did not finish within 60 s")
-    markup = out.decode("utf-8", "replace")
-    test.assertIn("<main>", markup, f"chromium dumped no page; stderr:\n{err.decode(errors='replace')[-2000:]}")
+    if BROWSER.get("devtools") is None:
+        BROWSER["devtools"] = DevTools(test, cleanup=unittest.addModuleCleanup)
+    browser = BROWSER["devtools"]
+    browser.test = test
+    markup = browser.dump(f"http://127.0.0.1:{server.server_address[1]}/fleet.html")
+    test.assertIn("<main>", markup, "chromium rendered no page; console:\n" + "\n".join(browser.console)[-2000:])
     dom = Dom(markup)
 
     def row(name):
@@ -761,6 +745,9 @@ def render_fleet_page(test: unittest.TestCase, folder: str):
         return {"class": klass.group(1) if klass else "", "text": " ".join(Dom(match.group(0)).visible.split())}
     dom.row = row
     return dom, markup
+
+
+BROWSER = {}            # the module's Chromium, once a page needs it
 
 
 class FleetPageBrowserTests(unittest.TestCase):
