@@ -933,18 +933,33 @@ class UnitsTest(unittest.TestCase):
 # ---------------------------------------------------------------- the helper --
 
 class HelperTest(unittest.TestCase):
-    """deploy/smart-nginx, installed into a prefix, against a real nginx reloaded by nginx -s reload."""
+    """deploy/smart-nginx, installed into a prefix, against a real nginx reloaded by nginx -s reload.
 
-    def setUp(self):
+    install.sh runs once (setUpClass: into ROOT/d, with the helper pointed at ROOT/nginx.conf; a
+    --prefix install writes nothing outside the prefix and reloads nothing); each test starts from an
+    empty ROOT, a copy of that prefix at the same path, and a new nginx.conf and nginx of its own."""
+
+    @classmethod
+    def setUpClass(cls):
         need_root()
         need(HELPER_PYTHON)
-        self.root = tempfile.mkdtemp(prefix="smart-helper-")
-        self.addCleanup(shutil.rmtree, self.root, True)
+        cls.base = tempfile.mkdtemp(prefix="smart-helper-")
+        cls.addClassCleanup(shutil.rmtree, cls.base, True)
+        os.chmod(cls.base, 0o755)                   # nginx's workers (nobody) go through it to ROOT/html
+        cls.root = os.path.join(cls.base, "root")
+        os.makedirs(cls.root)
+        cls.deployed = Deployed(os.path.join(cls.root, "d"), NginxUnderTest(cls.root))
+        cls.installed = os.path.join(cls.base, "installed")
+        shutil.copytree(cls.deployed.prefix, cls.installed, symlinks=True)
+        cls.helper = cls.deployed.helper
+
+    def setUp(self):
+        shutil.rmtree(self.root)
+        os.makedirs(self.root)
+        shutil.copytree(self.installed, self.deployed.prefix, symlinks=True)
         self.nginx = NginxUnderTest(self.root)
         self.nginx.start()
         self.addCleanup(self.nginx.stop)
-        self.deployed = Deployed(os.path.join(self.root, "d"), self.nginx)
-        self.helper = self.deployed.helper
 
     def helper_run(self, *args, env=None):
         return run_helper(self.helper, *args, env=env)
