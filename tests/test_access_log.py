@@ -5,7 +5,8 @@ whose page time the variants switch, and writes the timing log the shipped confi
 (`$msec $request_time $status "$request_method $request_uri" ...`, smart.py's own probes left
 out by their User-Agent).  A Visitors thread replays requests at a steady rate, as a site's
 visitors would.  The same switchback experiment is then judged from the prober and from the log:
-the verdicts must agree on a clear gain and on a no-op.
+the verdicts must agree on a clear gain and on a no-op (the gain and the no-op side by side, each in
+a home of its own with its own target, nginx and visitors).
 
 AccessLogReading covers the reader alone: the label of each request, a 499, a rotated or
 truncated log, the thin-traffic check and the fallback to the prober.
@@ -13,17 +14,19 @@ truncated log, the thin-traffic check and the fallback to the prober.
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
-import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import import_smart  # noqa: E402
-from test_adapting import SWITCHBACK, AdaptingTestCase  # noqa: E402
+from helpers import import_smart, run_cli  # noqa: E402
+from test_adapting import SWITCHBACK, AdaptingTestCase, Paced  # noqa: E402
 from test_prober_nginx import Nginx  # noqa: E402
 
 smart = import_smart()
@@ -72,26 +75,43 @@ class AccessLogVerdicts(AdaptingTestCase):
 
     def setUp(self):
         super().setUp()
-        target = self.paced("ms45")
-        self.log_path = self.path("timing.log")
-        self.nginx = Nginx(self, f"""
+        self.site, self.nginx, self.log_path = self.start_site(self.home)
+        self.env = dict(SWITCHBACK, ACCESS_LOG=self.log_path, EARLY_STOP="no")
+
+    def start_site(self, home):
+        """A Paced target on 45 ms pages (mode file HOME/target/mode) behind a real nginx that writes the
+        timing log HOME/timing.log; (site URL, Nginx, log path)."""
+        mode_path = os.path.join(home, "target", "mode")
+        os.makedirs(os.path.dirname(mode_path), exist_ok=True)
+        with open(mode_path, "w", encoding="utf-8") as handle:
+            handle.write("ms45\n")
+        target = Paced(mode_path).start()
+
+        def stop():
+            target.shutdown()
+            target.server_close()
+        self.addCleanup(stop)
+        log_path = os.path.join(home, "timing.log")
+        nginx = Nginx(self, f"""
     log_format smart_timing {TIMING_FORMAT};
     map $http_user_agent $smart_visitor {{ ~^smart\\.py/ 0; default 1; }}
     upstream demo {{ server 127.0.0.1:{target.server_address[1]}; keepalive 8; }}
     server {{
         listen 127.0.0.1:{{port}};
-        access_log {self.log_path} smart_timing if=$smart_visitor;
+        access_log {log_path} smart_timing if=$smart_visitor;
         location / {{ proxy_pass http://demo; proxy_http_version 1.1; proxy_set_header Connection ""; }}
     }}
 """)
-        self.site = f"http://127.0.0.1:{self.nginx.port}/"
-        self.env = dict(SWITCHBACK, ACCESS_LOG=self.log_path, EARLY_STOP="no")
+        return f"http://127.0.0.1:{nginx.port}/", nginx, log_path
 
-    def experiment_of(self, name, variant_mode, source):
-        self.experiment(name, [("baseline", "echo ms45 > ../../target/mode"),
-                               ("variant", f"echo {variant_mode} > ../../target/mode")],
-                        "echo ms45 > ../../target/mode", target_url=self.site,
-                        measure={"rate": 40, "timeout": 2, "source": source})
+    def experiment_of(self, name, variant_mode, source, home=None, site=None):
+        folder = os.path.join(home or self.home, "experiments", name)
+        os.makedirs(folder, exist_ok=True)
+        smart.write_json(os.path.join(folder, "meta.json"), {
+            "id": name, "description": f"test experiment {name}", "target_url": site or self.site,
+            "variants": [{"name": "baseline", "apply": "echo ms45 > ../../target/mode"},
+                         {"name": "variant", "apply": f"echo {variant_mode} > ../../target/mode"}],
+            "revert": "echo ms45 > ../../target/mode", "measure": {"rate": 40, "timeout": 2, "source": source}})
 
     def verdict(self, name):
         rc, out, err = self.cli("run", name, env=self.env)
@@ -100,29 +120,57 @@ class AccessLogVerdicts(AdaptingTestCase):
         return state, self.variants(state)["variant"]
 
     def test_the_access_log_reaches_the_probers_verdict_on_a_gain_and_on_a_no_op(self):
-        visitors = Visitors(self, self.nginx.port)
-        visitors.start()
+        # the gain in this home, the no-op in a second one with its own target, nginx and visitors: side by side
+        other = tempfile.mkdtemp(prefix="smart-run-test-")
+        self.addCleanup(shutil.rmtree, other, True)
+        shutil.copy(self.path("smart.conf"), os.path.join(other, "smart.conf"))
+        other_site, other_nginx, other_log = self.start_site(other)
+        sites = {"ms20": (self.home, self.site, self.nginx, self.log_path),
+                 "ms45": (other, other_site, other_nginx, other_log)}
+        visitors = {mode: Visitors(self, nginx.port) for mode, (_, _, nginx, _) in sites.items()}
+        for crowd in visitors.values():
+            crowd.start()
         time.sleep(1.0)
-        for variant_mode, expected in (("ms20", "keep"), ("ms45", "revert")):
-            decisions = {}
+
+        def scenario(variant_mode, expected):
+            """Prober, then access log, in that home: [(source, rc, out+err, state, variant.csv rows or None)]."""
+            home, site, _, log_path = sites[variant_mode]
+            env = dict(self.env, ACCESS_LOG=log_path)
+            runs = []
             for source in ("prober", "access-log"):
-                name = f"00{len(decisions) + 1}_{variant_mode}_{source}".replace("-", "_")
-                self.experiment_of(name, variant_mode, source)
-                state, record = self.verdict(name)
+                name = f"00{len(runs) + 1}_{variant_mode}_{source}".replace("-", "_")
+                self.experiment_of(name, variant_mode, source, home=home, site=site)
+                rc, out, err = run_cli("--home", home, "run", name, env=env)
+                state = smart.read_json(os.path.join(home, "var", "state.json"))
+                rows = None
+                if rc == 0 and source == "access-log":
+                    rows = smart.read_measurements(os.path.join(home, "var", "runs", state["run_id"], "variant.csv.gz"))
+                runs.append((source, rc, out + err, state, rows))
+                if expected == "keep":
+                    rc, out, err = run_cli("--home", home, "revert", name, env=env)
+                    runs.append(("revert", rc, out + err, None, None))
+            return runs
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = {mode: (expected, pool.submit(scenario, mode, expected))
+                       for mode, expected in (("ms20", "keep"), ("ms45", "revert"))}
+            results = {mode: (expected, future.result()) for mode, (expected, future) in futures.items()}
+        for variant_mode, (expected, runs) in results.items():
+            decisions = {}
+            for source, rc, output, state, rows in runs:
+                self.assertEqual(rc, 0, output)
+                if source == "revert":
+                    continue
                 self.assertEqual(state["source"], {"name": source, "note": None}, state["source"])
-                decisions[source] = record["decision"]
+                decisions[source] = {v["name"]: v for v in state["variants"]}["variant"]["decision"]
                 if source == "access-log":
-                    rows = smart.read_measurements(os.path.join(self.var, "runs", state["run_id"], "variant.csv.gz"))
                     self.assertGreater(rows.total, 3 * 10, "the log gave too few visitors' rows")
                     self.assertEqual({url for url, _ in rows.answers}, {"/", "/about/", "/blog/"})
-                if expected == "keep":
-                    rc, out, err = self.cli("revert", name, env=self.env)
-                    self.assertEqual(rc, 0, out + err)
             self.assertEqual(decisions, {"prober": expected, "access-log": expected}, variant_mode)
-        with open(self.log_path, encoding="utf-8") as handle:
-            logged = handle.read()
-        self.assertNotIn("smart.py", logged)
-        self.assertGreater(visitors.sent, 0)
+            with open(sites[variant_mode][3], encoding="utf-8") as handle:
+                logged = handle.read()
+            self.assertNotIn("smart.py", logged)
+            self.assertGreater(visitors[variant_mode].sent, 0)
 
     def test_thin_traffic_falls_back_to_the_prober_and_says_so(self):
         self.experiment_of("001_thin", "ms20", "access-log")
@@ -137,8 +185,6 @@ class AccessLogVerdicts(AdaptingTestCase):
 class AccessLogReading(unittest.TestCase):
 
     def setUp(self):
-        import tempfile
-        import shutil
         self.folder = tempfile.mkdtemp(prefix="smart-access-log-")
         self.addCleanup(shutil.rmtree, self.folder, True)
         self.path = os.path.join(self.folder, "timing.log")

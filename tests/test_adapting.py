@@ -10,8 +10,8 @@ the helper's state to answer as fast as the value set makes it.
                   still helps (its age and confirmation carried on); RECHECK_DAYS and `recheck`;
                   status, context.md, smart.prom and history show it; SIGTERM, SIGKILL and
                   recover, the lock
-  AnomalyTests    a baseline 3x the usual is flagged and keeps nothing; the next normal run keeps;
-                  the rule's figures; the coach is asked and sees the trend
+  AnomalyTests    a baseline 3x the usual is flagged, asks the coach (which sees the trend) and
+                  keeps nothing; the next normal run keeps (one run of them); the rule's figures
   SweepTests      the walk in ascending order stops past the best and keeps it; meta.json's
                   sweep checked; SIGTERM and SIGKILL in a sweep
 """
@@ -21,8 +21,10 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -74,11 +76,30 @@ class AdaptingTestCase(RunTestCase):
 
 
 class RecheckTests(AdaptingTestCase):
-    """Baseline: 45 ms pages.  The variant writes the mode in variant.mode (20 ms pages at first)."""
+    """Baseline: 45 ms pages.  The variant writes the mode in variant.mode (20 ms pages at first).
+    One switchback run keeps it in a home made once (setUpClass); keep_first() copies that home into
+    the test's own, with the test's home and target put in place of the first ones."""
+
+    @classmethod
+    def setUpClass(cls):
+        maker = cls()
+        maker.setUp()
+        try:
+            rc, out, err = maker.cli("run", "001_cache", env=SWITCHBACK)
+            maker.assertEqual(rc, 0, out + err)
+            maker.assertEqual(maker.state()["kept_variant"], "faster", maker.state()["variants"])
+            maker.assertEqual(maker.server("target/mode"), "ms20")
+            cls.template = tempfile.mkdtemp(prefix="smart-recheck-template-")
+            cls.addClassCleanup(shutil.rmtree, cls.template, True)
+            shutil.copytree(maker.home, cls.template, symlinks=True, dirs_exist_ok=True)
+            cls.template_home, cls.template_url = maker.home, maker.target_url
+        finally:
+            maker.doCleanups()
 
     def setUp(self):
         super().setUp()
         target = self.paced("ms45")
+        self.target_url = target.url
         self.write("variant.mode", "ms20\n")
         self.experiment("001_cache", [("baseline", "echo ms45 > ../../target/mode"),
                                       ("faster", "cat ../../variant.mode > ../../target/mode && "
@@ -86,9 +107,20 @@ class RecheckTests(AdaptingTestCase):
                         "echo ms45 > ../../target/mode && echo revert >> ../../order.log", target_url=target.url)
 
     def keep_first(self):
-        rc, out, err = self.cli("run", "001_cache", env=SWITCHBACK)
-        self.assertEqual(rc, 0, out + err)
-        self.assertEqual(self.state()["kept_variant"], "faster", self.state()["variants"])
+        """This home as the template's run left it: faster kept, the target on 20 ms pages."""
+        shutil.copytree(self.template, self.home, symlinks=True, dirs_exist_ok=True)
+        for folder, _, files in os.walk(self.home):
+            for name in files:
+                path = os.path.join(folder, name)
+                if name.endswith(".gz") or os.path.islink(path):
+                    continue
+                with open(path, encoding="utf-8") as handle:
+                    text = handle.read()
+                moved = text.replace(self.template_home, self.home).replace(self.template_url, self.target_url)
+                if moved != text:
+                    with open(path, "w", encoding="utf-8") as handle:
+                        handle.write(moved)
+        self.assertEqual(self.state()["kept_variant"], "faster")
         self.assertEqual(self.server("target/mode"), "ms20")
         return self.kept()["001_cache"]
 
@@ -228,16 +260,39 @@ class AnomalyTests(AdaptingTestCase):
         self.assertEqual(rc, 0, out + err)
         return self.state()
 
-    def test_a_baseline_three_times_the_usual_is_flagged_keeps_nothing_and_the_next_run_keeps(self):
+    def test_a_baseline_three_times_the_usual_is_flagged_asks_the_coach_keeps_nothing_and_the_next_run_keeps(self):
+        received = []
+
+        class Coach(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                body = json.dumps({"advice": "monitor for 24h", "confidence": 0.5}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        coach = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Coach)
+        thread = threading.Thread(target=coach.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(coach.server_close)
+        self.addCleanup(coach.shutdown)
+        env = {"PHONE_HOME": "borderline", "PHONE_HOME_URL": f"http://127.0.0.1:{coach.server_address[1]}/coach"}
         for _ in range(5):
-            state = self.run_once()
+            state = self.run_once(**env)
             self.assertIsNone(state["anomaly"])
             self.assertIsNone(state["kept_variant"])
         usual = [entry["baseline_p50_ms"] for entry in self.history()]
         self.assertTrue(all(19 < p50 < 26 for p50 in usual), usual)
+        received.clear()                               # clear A/A runs may be borderline; only the anomaly counts
         self.write("box.mode", "ms60\n")              # the box is three times slower ...
         self.write("variant.mode", "ms5\n")           # ... and the variant would be a clear keep
-        state = self.run_once()
+        state = self.run_once(**env)
         self.assertIsNotNone(state["anomaly"], state)
         self.assertGreater(state["anomaly"]["ratio"], 2.4)
         self.assertIsNone(state["kept_variant"])
@@ -248,6 +303,12 @@ class AnomalyTests(AdaptingTestCase):
         self.assertIn("(the rules said keep:", record["reason"])
         self.assertEqual(self.kept(), {})
         self.assertEqual(self.server("target/mode"), "ms60")
+        self.assertTrue(received, "an anomaly did not ask the coach")
+        trend = received[-1]["trend"]
+        self.assertEqual(len(trend["runs"]), 6)
+        self.assertEqual([run["anomaly"] for run in trend["runs"]], [False] * 5 + [True])
+        self.assertTrue(19 < trend["usual_baseline_p50_ms"] < 26, trend)
+        self.assertEqual(state["coach"]["advice"], "monitor for 24h")
         rc, out, _ = self.cli("status")
         self.assertEqual(rc, 1, out)                   # it needs attention
         self.assertIn("ANOMALY: baseline p50", out)
@@ -274,43 +335,6 @@ class AnomalyTests(AdaptingTestCase):
         self.assertIsNotNone(smart.baseline_anomaly(28.1, steady))
         old = [100.0] * 10 + usual * 2                                      # only the last 10 runs count
         self.assertIsNone(smart.baseline_anomaly(21.0, old))
-
-    def test_an_anomaly_asks_the_coach_which_sees_the_trend(self):
-        received = []
-
-        class Coach(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                body = json.dumps({"advice": "monitor for 24h", "confidence": 0.5}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        coach = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Coach)
-        thread = threading.Thread(target=coach.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(coach.server_close)
-        self.addCleanup(coach.shutdown)
-        env = {"PHONE_HOME": "borderline", "PHONE_HOME_URL": f"http://127.0.0.1:{coach.server_address[1]}/coach"}
-        for _ in range(5):
-            self.run_once(**env)
-        received.clear()                               # clear A/A runs may be borderline; only the anomaly counts
-        self.write("box.mode", "ms60\n")
-        state = self.run_once(**env)
-        self.assertIsNotNone(state["anomaly"])
-        self.assertTrue(received, "an anomaly did not ask the coach")
-        trend = received[-1]["trend"]
-        self.assertEqual(len(trend["runs"]), 6)
-        self.assertEqual([run["anomaly"] for run in trend["runs"]], [False] * 5 + [True])
-        self.assertTrue(19 < trend["usual_baseline_p50_ms"] < 26, trend)
-        self.assertEqual(state["coach"]["advice"], "monitor for 24h")
-
 
 class KnobTarget(smart.DemoTarget):
     """Pages as fast as the fake helper's `knob` value makes them: best at 3, worse either side."""

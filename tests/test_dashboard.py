@@ -1,7 +1,8 @@
 """The dashboard: www/index.html in a real headless Chromium, and the routes of smart.make_dashboard_server.
 
 Browser tests need chromium (skipped without it, except under CI=true where they fail); the server
-tests use plain HTTP.  Each test gets its own temporary home and a server on a free port.
+tests use plain HTTP.  Each test gets its own temporary home and a server on a free port; the browser
+tests load theirs in one Chromium that their class starts (and the phone-width test in one of its own).
 """
 
 from __future__ import annotations
@@ -336,12 +337,15 @@ class HomeServer:
 
 
 class DevTools:
-    """Headless Chromium driven over the DevTools protocol on a pipe, for what --dump-dom cannot tell: the
-    layout at a given viewport width.  With --remote-debugging-pipe Chromium reads commands on its fd 3
-    and writes answers and events on its fd 4, each one JSON message ended by a NUL byte."""
+    """Headless Chromium driven over the DevTools protocol on a pipe: the DOM a page ends with (dump),
+    and the layout at a given viewport width (open).  With --remote-debugging-pipe Chromium reads
+    commands on its fd 3 and writes answers and events on its fd 4, each one JSON message ended by a
+    NUL byte.  `test` is the test whose assertions the calls make (a shared browser is handed to each
+    test in turn); `cleanup` registers its teardown (test.addCleanup unless given)."""
 
-    def __init__(self, test: unittest.TestCase):
+    def __init__(self, test: unittest.TestCase, cleanup=None):
         self.test, self.next_id, self.buffer, self.console = test, 0, b"", []
+        cleanup = cleanup or test.addCleanup
         child_reads, self.send_end = os.pipe()
         self.receive_end, child_writes = os.pipe()
         # the child's ends above 4, so that putting them on 3 and 4 cannot clobber one of them
@@ -349,7 +353,7 @@ class DevTools:
         for fd in (child_reads, child_writes):
             os.close(fd)
         profile = tempfile.mkdtemp(prefix="smart-chromium-")
-        test.addCleanup(shutil.rmtree, profile, True)
+        cleanup(shutil.rmtree, profile, True)
         wire = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); os.execv(sys.argv[3], sys.argv[3:])"
         command = [sys.executable, "-c", wire, str(high[0]), str(high[1]), CHROMIUM, "--headless",
                    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -359,7 +363,7 @@ class DevTools:
                                         start_new_session=True)
         for fd in high:
             os.close(fd)
-        test.addCleanup(self.close)
+        cleanup(self.close)
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         self.call("Runtime.enable", session=self.session)
@@ -392,6 +396,20 @@ class DevTools:
         result = self.call("Runtime.evaluate", session=self.session, expression=expression, returnByValue=True)
         self.test.assertNotIn("exceptionDetails", result, expression)
         return result["result"].get("value")
+
+    def dump(self, url: str) -> str:
+        """Load url and return its DOM as markup once the page's first refresh() has ended (its `busy`
+        flag down: state.json and history.json fetched and drawn; at once when its script never ran).
+        What the console said meanwhile is in `console`."""
+        self.console = []
+        self.call("Page.navigate", session=self.session, url=url)
+        ready = "document.readyState === 'complete' && (typeof busy === 'undefined' || !busy)"
+        deadline = time.monotonic() + BROWSER_TIMEOUT
+        while not self.evaluate(ready):
+            if time.monotonic() > deadline:
+                self.test.fail(f"the page at {url} did not finish its refresh within {BROWSER_TIMEOUT} s")
+            time.sleep(0.02)
+        return self.evaluate("document.documentElement.outerHTML")
 
     def open(self, url: str, width: int, height: int = 844, ready: str = "true"):
         """Load url in a viewport `width` CSS pixels wide (a phone's, for a small width) and wait until the
@@ -442,7 +460,8 @@ class PageSourceTests(unittest.TestCase):
 
 
 class BrowserTests(unittest.TestCase):
-    """The page as a real browser renders it (headless Chromium, --dump-dom)."""
+    """The page as a real browser renders it: one headless Chromium for the class (DevTools), each test's
+    home served on a port of its own and loaded in it."""
 
     @classmethod
     def setUpClass(cls):
@@ -450,44 +469,22 @@ class BrowserTests(unittest.TestCase):
             if os.environ.get("CI") == "true":
                 raise AssertionError("chromium is missing and CI=true: the dashboard tests cannot be skipped")
             raise unittest.SkipTest("chromium is not installed")
+        cls.browser = DevTools(unittest.TestCase(), cleanup=cls.addClassCleanup)
 
     def render(self, page: str = "", **home) -> tuple[str, Dom]:
         """Serve a home and return the DOM Chromium ends with for its page (raw markup and parsed).
 
-        Chromium logs its console to stderr: a report of the Content-Security-Policy (which the
-        server sends) blocking anything fails the test.
+        A console message of the Content-Security-Policy (which the server sends) blocking
+        anything fails the test.
         """
         site = HomeServer(self, **home)
-        profile = tempfile.mkdtemp(prefix="smart-chromium-")
-        self.addCleanup(shutil.rmtree, profile, True)
-        command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                   "--enable-logging=stderr", "--v=0",
-                   f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", site.url + page]
-        browser = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   start_new_session=True)
-        self.addCleanup(self._kill, browser)
-        try:
-            out, err = browser.communicate(timeout=BROWSER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.fail(f"chromium did not finish within {BROWSER_TIMEOUT} s")
-        markup = out.decode("utf-8", "replace")
-        console = err.decode("utf-8", "replace")
-        self.assertIn("<main>", markup, f"chromium dumped no page; stderr:\n{console[-2000:]}")
-        violations = [line for line in console.splitlines() if "Content Security Policy" in line]
+        self.browser.test = self
+        markup = self.browser.dump(site.url + page)
+        console = "\n".join(self.browser.console)
+        self.assertIn("<main>", markup, f"chromium rendered no page; console:\n{console[-2000:]}")
+        violations = [line for line in self.browser.console if "Content Security Policy" in line]
         self.assertEqual(violations, [], "the page does something its Content-Security-Policy blocks")
         return markup, Dom(markup)
-
-    @staticmethod
-    def _kill(browser: subprocess.Popen):
-        if browser.poll() is None:
-            try:
-                os.killpg(browser.pid, signal.SIGKILL)    # its own session: the wrapper and its children
-            except ProcessLookupError:
-                pass
-            browser.wait()
-        for stream in (browser.stdout, browser.stderr):
-            stream.close()
 
     def test_shows_the_figures_of_the_state(self):
         now = datetime.now(timezone.utc)

@@ -670,10 +670,19 @@ class SudoersTest(unittest.TestCase):
 
     HEAD = ["Defaults:smart !requiretty"]
 
+    @classmethod
+    def setUpClass(cls):
+        """One install of the shipped catalogue, kept aside; each test gets a copy at the same path."""
+        cls.root = tempfile.mkdtemp(prefix="smart-sudoers-")
+        cls.addClassCleanup(shutil.rmtree, cls.root, True)
+        cls.prefix = os.path.join(cls.root, "prefix")
+        cls.installed = os.path.join(cls.root, "installed")
+        install(cls.prefix)
+        os.rename(cls.prefix, cls.installed)
+
     def setUp(self):
-        self.root = tempfile.mkdtemp(prefix="smart-sudoers-")
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.prefix = os.path.join(self.root, "prefix")
+        shutil.rmtree(self.prefix, ignore_errors=True)
+        shutil.copytree(self.installed, self.prefix, symlinks=True)
         self.experiments = os.path.join(self.prefix, "opt", "smart", "experiments")
         self.nginx = os.path.join(self.prefix, "usr/local/sbin/smart-nginx")
         self.php = os.path.join(self.prefix, "usr/local/sbin/smart-php")
@@ -724,7 +733,6 @@ class SudoersTest(unittest.TestCase):
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
 
     def test_generated_line_by_line_and_updated_when_an_experiment_is_added(self):
-        install(self.prefix)
         self.visudo()
         self.assertEqual(self.rules(), self.base())
         self.add_experiment("050_php_pool", "smart-php", [
@@ -754,7 +762,6 @@ class SudoersTest(unittest.TestCase):
         self.assertEqual(read_bytes(self.sudoers), installed, "a re-run with nothing new changes nothing")
 
     def test_a_value_outside_a_grammar_stops_the_install(self):
-        install(self.prefix)
         installed = read_bytes(self.sudoers)
         for name, helper, pairs, word in (
                 ("060_bad_php", "smart-php", {"pm.max_children": "300"}, "pm.max_children takes 1..256"),
@@ -773,7 +780,6 @@ class SudoersTest(unittest.TestCase):
                 shutil.rmtree(folder)
 
     def test_an_experiment_others_can_write_is_skipped(self):
-        install(self.prefix)
         folder = self.add_experiment("070_writable", "smart-php", [{"name": "v", "set": {"pm.max_requests": "500"}}])
         os.chmod(os.path.join(folder, "meta.json"), 0o666)
         done = install(self.prefix)
@@ -783,7 +789,6 @@ class SudoersTest(unittest.TestCase):
     def test_every_helper_call_smart_py_makes_is_an_allowed_vector(self):
         """For every shipped experiment with a helper, each command smart.py would run (apply of every
         variant, sweeps expanded, the revert and dry run's get) is a rule of the drop-in, word for word."""
-        install(self.prefix)
         paths = {"smart-nginx": self.nginx, "smart-php": self.php}
         allowed = {rule.split("NOPASSWD: ", 1)[1] for rule in self.rules() if "NOPASSWD: " in rule}
         settings = dict(smart.load_settings(None, environ={}), HELPER_COMMAND="")
@@ -805,7 +810,6 @@ class SudoersTest(unittest.TestCase):
         """sudo -l -U for a throwaway user given the generated rules in /etc/sudoers.d (removed after)."""
         need_root()
         sudo, useradd, userdel = need("sudo"), need("useradd"), need("userdel")
-        install(self.prefix)
         user = f"smarttest{os.getpid()}"
         created = subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
                                  capture_output=True, text=True, timeout=30)
@@ -929,18 +933,33 @@ class UnitsTest(unittest.TestCase):
 # ---------------------------------------------------------------- the helper --
 
 class HelperTest(unittest.TestCase):
-    """deploy/smart-nginx, installed into a prefix, against a real nginx reloaded by nginx -s reload."""
+    """deploy/smart-nginx, installed into a prefix, against a real nginx reloaded by nginx -s reload.
 
-    def setUp(self):
+    install.sh runs once (setUpClass: into ROOT/d, with the helper pointed at ROOT/nginx.conf; a
+    --prefix install writes nothing outside the prefix and reloads nothing); each test starts from an
+    empty ROOT, a copy of that prefix at the same path, and a new nginx.conf and nginx of its own."""
+
+    @classmethod
+    def setUpClass(cls):
         need_root()
         need(HELPER_PYTHON)
-        self.root = tempfile.mkdtemp(prefix="smart-helper-")
-        self.addCleanup(shutil.rmtree, self.root, True)
+        cls.base = tempfile.mkdtemp(prefix="smart-helper-")
+        cls.addClassCleanup(shutil.rmtree, cls.base, True)
+        os.chmod(cls.base, 0o755)                   # nginx's workers (nobody) go through it to ROOT/html
+        cls.root = os.path.join(cls.base, "root")
+        os.makedirs(cls.root)
+        cls.deployed = Deployed(os.path.join(cls.root, "d"), NginxUnderTest(cls.root))
+        cls.installed = os.path.join(cls.base, "installed")
+        shutil.copytree(cls.deployed.prefix, cls.installed, symlinks=True)
+        cls.helper = cls.deployed.helper
+
+    def setUp(self):
+        shutil.rmtree(self.root)
+        os.makedirs(self.root)
+        shutil.copytree(self.installed, self.deployed.prefix, symlinks=True)
         self.nginx = NginxUnderTest(self.root)
         self.nginx.start()
         self.addCleanup(self.nginx.stop)
-        self.deployed = Deployed(os.path.join(self.root, "d"), self.nginx)
-        self.helper = self.deployed.helper
 
     def helper_run(self, *args, env=None):
         return run_helper(self.helper, *args, env=env)
@@ -1163,37 +1182,39 @@ class HelperTest(unittest.TestCase):
 class SiteTest(unittest.TestCase):
     """deploy/nginx/smart.conf, installed into a prefix and included by a real nginx."""
 
-    def setUp(self):
+    @classmethod
+    def setUpClass(cls):
+        """One install and one nginx for the class: the tests only read (one adds a CSV of its own)."""
         need_root()
-        self.root = tempfile.mkdtemp(prefix="smart-site-")
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self.port = free_port()
-        prefix = os.path.join(self.root, "prefix")
+        cls.root = tempfile.mkdtemp(prefix="smart-site-")
+        cls.addClassCleanup(shutil.rmtree, cls.root, True)
+        cls.port = free_port()
+        prefix = os.path.join(cls.root, "prefix")
         os.makedirs(prefix)
-        os.chmod(self.root, 0o755)
-        install(prefix, "--port", str(self.port), "--server-name", "smart.test")
-        self.opt = os.path.join(prefix, "opt/smart")
+        os.chmod(cls.root, 0o755)
+        install(prefix, "--port", str(cls.port), "--server-name", "smart.test")
+        cls.opt = os.path.join(prefix, "opt/smart")
         site = os.path.join(prefix, "etc/nginx/sites-enabled/smart")
-        if not os.listdir(os.path.join(self.opt, "www")):
-            with open(os.path.join(self.opt, "www", "index.html"), "w") as handle:
+        if not os.listdir(os.path.join(cls.opt, "www")):
+            with open(os.path.join(cls.opt, "www", "index.html"), "w") as handle:
                 handle.write("<html>dashboard</html>\n")
-        var = os.path.join(self.opt, "var")
-        self.run_dir = os.path.join(var, "runs", "20260101T000000")
-        os.makedirs(self.run_dir)
+        var = os.path.join(cls.opt, "var")
+        cls.run_dir = os.path.join(var, "runs", "20260101T000000")
+        os.makedirs(cls.run_dir)
         with open(os.path.join(var, "state.json"), "w") as handle:
             json.dump({"run_id": "20260101T000000", "status": "done"}, handle)
         for name, text in (("run.log", "<script>alert(1)</script>\n"), ("baseline.csv", "timestamp,latency_ms,response_code\n"),
                            ("workers_2_decision.log", "revert\n")):
-            with open(os.path.join(self.run_dir, name), "w") as handle:
+            with open(os.path.join(cls.run_dir, name), "w") as handle:
                 handle.write(text)
         with open(os.path.join(var, "lock"), "w") as handle:
             handle.write("123\n")
-        self.site = site
-        nginx_root = os.path.join(self.root, "nginx")
+        cls.site = site
+        nginx_root = os.path.join(cls.root, "nginx")
         os.makedirs(nginx_root)
-        self.nginx = NginxUnderTest(nginx_root, sites=[site])
-        self.nginx.start()
-        self.addCleanup(self.nginx.stop)
+        cls.nginx = NginxUnderTest(nginx_root, sites=[site])
+        cls.nginx.start()
+        cls.addClassCleanup(cls.nginx.stop)
 
     def get(self, path):
         return http_get(self.port, path, host="smart.test")

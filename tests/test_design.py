@@ -437,25 +437,6 @@ class Robustness:
         self.assertEqual(self.applied(), "v1")
         return proc
 
-    def test_sigterm_during_a_variant_reverts_it_and_exits_1(self):
-        proc = self.start_v1()
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code, out, err = self.finish(proc, 10)
-        self.assertEqual(code, 1, out + err)
-        self.assertLess(time.monotonic() - sent, 3.0, "the run took too long to act on SIGTERM")
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(self.applied(), "baseline")
-        self.assertEqual(self.order(), ["apply baseline", "apply v1", "revert"])
-        self.assertFalse(os.path.exists(self.journal()))
-        state = self.state()
-        self.assertEqual(state["status"], "interrupted")
-        self.assertEqual(state["design"], self.DESIGN)
-        self.assertIsNone(state["kept_variant"])
-        self.assertIn("SIGTERM", state["reason"])
-        self.assertIn("v1 reverted", state["reason"])
-        self.assertIn("SIGTERM", self.run_log())
-
     def test_sigkill_during_a_variant_then_recover_reverts_it(self):
         proc = self.start_v1()
         os.killpg(proc.pid, signal.SIGKILL)
@@ -479,7 +460,7 @@ class Robustness:
         self.assertEqual(state["status"], "interrupted")
         self.assertIsNone(state["kept_variant"])
 
-    def test_a_second_concurrent_run_exits_at_once_naming_the_holder(self):
+    def test_a_second_concurrent_run_exits_at_once_naming_the_holder_and_sigterm_then_reverts(self):
         first = self.start_v1()
         started = time.monotonic()
         code, out, err = self.cli("run", **self.settings())
@@ -496,12 +477,22 @@ class Robustness:
         self.assertEqual(self.applied(), "v1")
         self.assertEqual(len(os.listdir(self.path("var", "runs"))), 1)
 
+        sent = time.monotonic()
         first.send_signal(signal.SIGTERM)
         code, out, err = self.finish(first, 10)
         self.assertEqual(code, 1, out + err)
+        self.assertLess(time.monotonic() - sent, 3.0, "the run took too long to act on SIGTERM")
+        self.assertNotIn("Traceback", err)
         self.assertEqual(self.applied(), "baseline")
+        self.assertEqual(self.order(), ["apply baseline", "apply v1", "revert"])
         self.assertFalse(os.path.exists(self.journal()))
-        self.assertEqual(self.state()["status"], "interrupted")
+        state = self.state()
+        self.assertEqual(state["status"], "interrupted")
+        self.assertEqual(state["design"], self.DESIGN)
+        self.assertIsNone(state["kept_variant"])
+        self.assertIn("SIGTERM", state["reason"])
+        self.assertIn("v1 reverted", state["reason"])
+        self.assertIn("SIGTERM", self.run_log())
 
 
 class RobustnessSequential(Robustness, DesignTestCase):

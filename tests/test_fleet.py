@@ -1,26 +1,30 @@
 """The fleet rollout (issue 10): deploy/ansible/*.yml run by a real ansible-playbook against a 4-host
 inventory on this one machine, and www/fleet.html in headless Chromium.
 
-Each host is `ansible_connection=local` with its own temporary prefix (install.yml runs
-deploy/install.sh --prefix there), its own home and its own smart.DemoTarget on 127.0.0.1 (a port the
-OS picks), started in this process; every host's experiment 050_fleet_cache switches its target's
-mode file between plain (20 ms a page) and cached (~0 ms). web1 is the canary; web2, web3, web4 are
-the waves (serial 1, 25%, 100% of three hosts: one host each). Settings are short and come through
-the inventory (smart_environment): sequential design, VERIFY_SECONDS 1.5, WARMUP_SECONDS 0.3.
+Each host is `ansible_connection=local` with its own temporary prefix (in the rollout case
+install.yml runs deploy/install.sh --prefix there; the other cases copy smart.py in), its own home
+and its own smart.DemoTarget on 127.0.0.1 (a port the OS picks), started in this process; every
+host's experiment 050_fleet_cache switches its target's mode file between plain (20 ms a page) and
+cached (~0 ms). web1 is the canary; web2, web3, web4 are the waves (serial 1, 25%, 100% of three
+hosts: one host each). Settings are short and come through the inventory (smart_environment):
+sequential design, VERIFY_SECONDS 1.5, WARMUP_SECONDS 0.3.
 
 ansible-core (and ansible-lint) come from PyPI: a test dependency only (.ci/run installs them).
 Without ansible-playbook the tests skip, except under CI=true where they fail; likewise Chromium for
 the page tests. ansible-lint is optional: its test skips without it, CI or not. The unreachable-host
 test needs an ssh client (it skips without one). Every server and process stops in cleanup.
 
-Cases: the canary keeps `cached` and the rollout reaches all 4 (then a re-run changes nothing); web3
+Cases: the canary keeps `cached` and the rollout reaches all 4 (then a re-run changes nothing), with
+the coach token in smart_settings: it is in smart.conf and nowhere else (the first install.yml and
+experiment.yml run at -vvv while every process is watched); in smart_environment it is refused; web3
 turns `failing` on apply, reverts, and wave 3 never starts; a canary that keeps nothing, one whose
-revert fails, one without smart.py; a host busy with a timer run (lock held) waited for; an
-unreachable host; --syntax-check and ansible-lint; fleet.html in Chromium.
+revert fails, one without smart.py (three 2-host fleets side by side); a host busy with a timer run
+(lock held) waited for; an unreachable host; --syntax-check and ansible-lint; fleet.html in Chromium.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import http.server
@@ -214,6 +218,13 @@ class Fleet:
             return json.load(handle)
 
 
+def at_once(runs: dict) -> dict:
+    """{key: (fleet, playbook, *args)} run side by side; {key: what Fleet.playbook returns}."""
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        futures = {key: pool.submit(fleet.playbook, *what) for key, (fleet, *what) in runs.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
 def by_name(fleet_json: dict) -> dict:
     return {host["name"]: host for host in fleet_json["hosts"]}
 
@@ -259,15 +270,24 @@ class PlaybookSourceTests(unittest.TestCase):
 
 class RolloutTests(unittest.TestCase):
     """install.yml twice, then experiment.yml: the canary keeps `cached` and the rollout reaches all 4;
-    then experiment.yml again, which changes nothing."""
+    then experiment.yml again, which changes nothing.  The inventory carries the coach token in
+    smart_settings, and the first install.yml and experiment.yml run at -vvv under a ProcessWatch:
+    the token goes into smart.conf and nowhere else."""
 
     @classmethod
     def setUpClass(cls):
         cls.fleet = fleet = Fleet(cls)
-        cls.install = [fleet.playbook("install.yml", experiment=False) for _ in range(2)]
-        for name in HOSTS:
-            fleet.write_experiment(name)
-        cls.first = fleet.playbook("experiment.yml")
+        inventory = smart.read_json(fleet.inventory)
+        inventory["all"]["vars"]["smart_settings"] = {"PHONE_HOME": "never", "PHONE_HOME_TOKEN": TOKEN,
+                                                      "EARLY_STOP": False, "KEEP_RUNS": 50}
+        smart.write_json(fleet.inventory, inventory)
+        with ProcessWatch(TOKEN) as watch:
+            cls.install = [fleet.playbook("install.yml", "-vvv", experiment=False)]
+            cls.install.append(fleet.playbook("install.yml", experiment=False))
+            for name in HOSTS:
+                fleet.write_experiment(name)
+            cls.first = fleet.playbook("experiment.yml", "-vvv")
+        cls.watch = watch
         cls.first_fleet_json = fleet.fleet_json() if os.path.exists(os.path.join(fleet.fleet_dir, "fleet.json")) else None
         cls.state_after_first = {name: fleet.state(name) for name in HOSTS}
         cls.second = fleet.playbook("experiment.yml")
@@ -348,6 +368,29 @@ class RolloutTests(unittest.TestCase):
             self.assertEqual(self.fleet.state(name)["run_id"], self.state_after_first[name]["run_id"], name)
         self.assertEqual(self.second_fleet_json["outcome"], "rolled out")
 
+    def test_the_token_is_in_smart_conf(self):
+        for name in self.fleet.names:
+            conf = os.path.join(self.fleet.home(name), "smart.conf")
+            self.assertEqual(os.stat(conf).st_mode & 0o777, 0o640, name)
+            text = read_text(conf)
+            self.assertIn(f"\nPHONE_HOME_TOKEN={TOKEN}\n", text, name)
+            self.assertIn("\nEARLY_STOP=no\n", text, "a YAML boolean is written as yes/no")
+            settings = smart.load_settings(conf, environ={})
+            self.assertEqual((settings["PHONE_HOME_TOKEN"], settings["KEEP_RUNS"]), (TOKEN, 50))
+
+    def test_the_playbooks_ran_and_never_showed_the_token(self):
+        for what, (rc, out, _) in (("install.yml", self.install[0]), ("experiment.yml", self.first)):
+            self.assertEqual(rc, 0, f"{what}:\n{out[-4000:]}")
+            self.assertIn("EXEC /bin/sh -c", out, f"{what} did not run at -vvv")
+            self.assertNotIn(TOKEN, out, f"{what} -vvv printed the token")
+        self.assertEqual(self.fleet.kept("web2")[EXPERIMENT]["variant"], VARIANT)
+        again = self.install[1]
+        self.assertEqual(recap(again[1])["web1"]["changed"], 0, "smart.conf is rewritten on every run")
+
+    def test_no_process_carried_the_token(self):
+        self.assertGreater(self.watch.ansible, 0, "the watch saw no Ansible module run")
+        self.assertEqual(self.watch.seen, [], "the token was in a command line or an environment")
+
 
 class StoppedRolloutTests(unittest.TestCase):
     """web3 (wave 2) turns its target to `failing` on apply: it reverts, wave 3 never starts, fleet.json says why."""
@@ -357,9 +400,7 @@ class StoppedRolloutTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.fleet = fleet = Fleet(cls, failing_host=cls.FAILING)
-        rc, out, _ = fleet.playbook("install.yml", experiment=False)
-        if rc != 0:
-            raise AssertionError(f"install.yml exited {rc}:\n{out[-4000:]}")
+        fleet.bare_install()
         for name in HOSTS:
             fleet.write_experiment(name)
         cls.result = fleet.playbook("experiment.yml")
@@ -436,8 +477,8 @@ class CanaryOutcomeTests(unittest.TestCase):
             for name in fleet.names:
                 fleet.write_experiment(name, word="slow", revert=revert)
         cls.missing = Fleet(cls, hosts=HOSTS[:2])       # smart.py not installed at all
-        cls.results = {"nothing": cls.nothing.playbook("experiment.yml"), "broken": cls.broken.playbook("experiment.yml"),
-                       "missing": cls.missing.playbook("experiment.yml")}
+        cls.results = at_once({"nothing": (cls.nothing, "experiment.yml"), "broken": (cls.broken, "experiment.yml"),
+                               "missing": (cls.missing, "experiment.yml")})
         cls.figures = {f"canary {key}": round(result[2], 1) for key, result in cls.results.items()}
 
     def assertUntouched(self, fleet, name):
@@ -600,23 +641,12 @@ TOKEN = "tok-9Zq3vKx1-never-shown"
 
 
 class SecretTests(unittest.TestCase):
-    """The coach token goes into smart.conf through smart_settings (install.yml) and nowhere else:
-    not into the -vvv output of install.yml and experiment.yml, not into any process's command line
-    or environment while they run. In smart_environment it is refused before anything runs."""
+    """In smart_environment the coach token is refused before anything runs (RolloutTests checks
+    that through smart_settings it goes into smart.conf and nowhere else); the ProcessWatch sees a
+    token in an environment."""
 
     @classmethod
     def setUpClass(cls):
-        cls.fleet = fleet = Fleet(cls, hosts=HOSTS[:2])
-        inventory = smart.read_json(fleet.inventory)
-        inventory["all"]["vars"]["smart_settings"] = {"PHONE_HOME": "never", "PHONE_HOME_TOKEN": TOKEN,
-                                                      "EARLY_STOP": False, "KEEP_RUNS": 50}
-        smart.write_json(fleet.inventory, inventory)
-        with ProcessWatch(TOKEN) as watch:
-            cls.install = fleet.playbook("install.yml", "-vvv", experiment=False)
-            for name in fleet.names:
-                fleet.write_experiment(name)
-            cls.experiment = fleet.playbook("experiment.yml", "-vvv")
-        cls.watch = watch
         cls.refused = Fleet(cls, hosts=HOSTS[:2])
         cls.refused.bare_install()
         for name in cls.refused.names:
@@ -624,32 +654,8 @@ class SecretTests(unittest.TestCase):
         inventory = smart.read_json(cls.refused.inventory)
         inventory["all"]["vars"]["smart_environment"] = dict(SETTINGS, PHONE_HOME_TOKEN=TOKEN)
         smart.write_json(cls.refused.inventory, inventory)
-        cls.refused_runs = {playbook: cls.refused.playbook(playbook, "-vvv")
-                            for playbook in ("experiment.yml", "fleet-status.yml")}
-        cls.figures = {"secret install+experiment": round(cls.install[2] + cls.experiment[2], 1)}
-
-    def test_the_token_is_in_smart_conf(self):
-        for name in self.fleet.names:
-            conf = os.path.join(self.fleet.home(name), "smart.conf")
-            self.assertEqual(os.stat(conf).st_mode & 0o777, 0o640, name)
-            text = read_text(conf)
-            self.assertIn(f"\nPHONE_HOME_TOKEN={TOKEN}\n", text, name)
-            self.assertIn("\nEARLY_STOP=no\n", text, "a YAML boolean is written as yes/no")
-            settings = smart.load_settings(conf, environ={})
-            self.assertEqual((settings["PHONE_HOME_TOKEN"], settings["KEEP_RUNS"]), (TOKEN, 50))
-
-    def test_the_playbooks_ran_and_never_showed_the_token(self):
-        for what, (rc, out, _) in (("install.yml", self.install), ("experiment.yml", self.experiment)):
-            self.assertEqual(rc, 0, f"{what}:\n{out[-4000:]}")
-            self.assertIn("EXEC /bin/sh -c", out, f"{what} did not run at -vvv")
-            self.assertNotIn(TOKEN, out, f"{what} -vvv printed the token")
-        self.assertEqual(self.fleet.kept("web2")[EXPERIMENT]["variant"], VARIANT)
-        again = self.fleet.playbook("install.yml", experiment=False)
-        self.assertEqual(recap(again[1])["web1"]["changed"], 0, "smart.conf is rewritten on every run")
-
-    def test_no_process_carried_the_token(self):
-        self.assertGreater(self.watch.ansible, 0, "the watch saw no Ansible module run")
-        self.assertEqual(self.watch.seen, [], "the token was in a command line or an environment")
+        cls.refused_runs = at_once({playbook: (cls.refused, playbook, "-vvv")
+                                    for playbook in ("experiment.yml", "fleet-status.yml")})
 
     def test_the_watch_sees_a_token_in_an_environment(self):
         with ProcessWatch(TOKEN) as watch:
@@ -699,12 +705,15 @@ class FleetPageSourceTests(unittest.TestCase):
 
 
 def render_fleet_page(test: unittest.TestCase, folder: str):
-    """Serve folder (fleet.html + fleet.json) on a free port; the DOM headless Chromium ends with."""
+    """Serve folder (fleet.html + fleet.json) on a free port; the DOM headless Chromium ends with.
+
+    One Chromium serves every page of the module (test_dashboard's DevTools, started at the first page,
+    stopped by a module cleanup)."""
     if not CHROMIUM:
         if os.environ.get("CI") == "true":
             raise AssertionError("chromium is missing and CI=true: the fleet page tests cannot be skipped")
         raise unittest.SkipTest("chromium is not installed")
-    from test_dashboard import Dom
+    from test_dashboard import DevTools, Dom
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -719,31 +728,12 @@ def render_fleet_page(test: unittest.TestCase, folder: str):
     test.addCleanup(thread.join, 10)
     test.addCleanup(server.server_close)
     test.addCleanup(server.shutdown)
-    profile = tempfile.mkdtemp(prefix="smart-chromium-")
-    test.addCleanup(shutil.rmtree, profile, True)
-    url = f"http://127.0.0.1:{server.server_address[1]}/fleet.html"
-    browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                                "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                                "--dump-dom", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
-
-    def kill():
-        if browser.poll() is None:
-            try:
-                os.killpg(browser.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            browser.wait()
-        browser.stdout.close()
-        browser.stderr.close()
-    test.addCleanup(kill)
-    try:
-        out, err = browser.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        test.fail("chromium did not finish within 60 s")
-    markup = out.decode("utf-8", "replace")
-    test.assertIn("<main>", markup, f"chromium dumped no page; stderr:\n{err.decode(errors='replace')[-2000:]}")
+    if BROWSER.get("devtools") is None:
+        BROWSER["devtools"] = DevTools(test, cleanup=unittest.addModuleCleanup)
+    browser = BROWSER["devtools"]
+    browser.test = test
+    markup = browser.dump(f"http://127.0.0.1:{server.server_address[1]}/fleet.html")
+    test.assertIn("<main>", markup, "chromium rendered no page; console:\n" + "\n".join(browser.console)[-2000:])
     dom = Dom(markup)
 
     def row(name):
@@ -755,6 +745,9 @@ def render_fleet_page(test: unittest.TestCase, folder: str):
         return {"class": klass.group(1) if klass else "", "text": " ".join(Dom(match.group(0)).visible.split())}
     dom.row = row
     return dom, markup
+
+
+BROWSER = {}            # the module's Chromium, once a page needs it
 
 
 class FleetPageBrowserTests(unittest.TestCase):

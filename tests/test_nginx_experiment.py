@@ -8,7 +8,8 @@ runs with 2-second arms.  Checked: a verdict per variant tried in state.json, ng
 running workers) matching the verdict, and nginx serving throughout - no probe row with code 0 or
 5xx in the run's CSVs, and no failure seen by a second prober that runs across every reload.
 
-Without nginx (or not as root) the tests skip, except under CI=true where they fail.
+Both tests run in one install and one nginx (setUpClass).  Without nginx (or not as root) the tests
+skip, except under CI=true where they fail.
 """
 
 from __future__ import annotations
@@ -38,22 +39,28 @@ SHORT = {"BASELINE_SECONDS": "2", "EXPERIMENT_SECONDS": "2", "COOLDOWN_SECONDS":
 
 class NginxWorkersExperimentTest(unittest.TestCase):
 
-    def setUp(self):
+    @classmethod
+    def setUpClass(cls):
+        """One nginx and one install for both runs.  test_every_variant_reverted_... comes first (unittest
+        orders tests by name) and leaves nginx.conf as it was, byte for byte (it checks that); the end to
+        end run starts from there."""
         deploy.need_root()
         deploy.need(deploy.HELPER_PYTHON)
-        self.root = tempfile.mkdtemp(prefix="smart-001-")
-        self.addCleanup(shutil.rmtree, self.root, True)
-        nginx_root = os.path.join(self.root, "nginx")
+        cls.root = tempfile.mkdtemp(prefix="smart-001-")
+        cls.addClassCleanup(shutil.rmtree, cls.root, True)
+        nginx_root = os.path.join(cls.root, "nginx")
         os.makedirs(nginx_root)
-        os.chmod(self.root, 0o755)
-        self.nginx = deploy.NginxUnderTest(nginx_root, workers="1")
-        self.nginx.start()
-        self.addCleanup(self.nginx.stop)
-        self.deployed = deploy.Deployed(os.path.join(self.root, "d"), self.nginx)
-        self.home = self.deployed.opt
-        meta_path = os.path.join(self.home, "experiments", "001_nginx_workers", "meta.json")
+        os.chmod(cls.root, 0o755)
+        cls.nginx = deploy.NginxUnderTest(nginx_root, workers="1")
+        cls.nginx.start()
+        cls.addClassCleanup(cls.nginx.stop)
+        cls.deployed = deploy.Deployed(os.path.join(cls.root, "d"), cls.nginx)
+        cls.home = cls.deployed.opt
+        meta_path = os.path.join(cls.home, "experiments", "001_nginx_workers", "meta.json")
         with open(meta_path) as handle:
-            self.meta = json.load(handle)
+            cls.meta = json.load(handle)
+
+    def setUp(self):
         self.assertEqual(self.meta["target_url"], "/", "a path: measured on SITE_URL")
 
     def run_experiment(self, **settings):
