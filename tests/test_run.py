@@ -503,7 +503,7 @@ class SignalsAndRecovery(RunTestCase):
         rc, took, out, err = self.interrupt(proc, signal.SIGTERM)
 
         self.assertEqual(rc, 1, out + err)
-        self.assertLess(took, 2.5, "the run took too long to act on SIGTERM")
+        self.assertLess(took, 4, "the run measured on instead of acting on SIGTERM (its arm lasts 8 s)")
         self.assertNotIn("Traceback", err)
         self.assertEqual(self.server(), "baseline")
         self.assertEqual(self.order(), ["apply baseline", "apply v1", "revert"])
@@ -527,7 +527,7 @@ class SignalsAndRecovery(RunTestCase):
         time.sleep(0.3)
         rc, took, out, err = self.interrupt(proc, signal.SIGINT)
         self.assertEqual(rc, 1, out + err)
-        self.assertLess(took, 1.5)
+        self.assertLess(took, 5, "the run waited out its 10 s cool-down instead of acting on SIGINT")
         self.assertNotIn("Traceback", err)
         self.assertEqual(self.server(), "baseline")
         self.assertEqual(self.order(), ["apply baseline", "apply v1", "revert"])
@@ -664,12 +664,10 @@ class SignalsAndRecovery(RunTestCase):
         self.simple_experiment(names=("v1",), experiment_seconds=5)
         first = self.spawn("run")
         self.wait_phase("measuring v1")
-        started = time.monotonic()
         rc, out, err = self.cli("run")
-        took = time.monotonic() - started
 
         self.assertNotEqual(rc, 0)
-        self.assertLess(took, 1.0)
+        self.assertIsNone(first.poll(), "the second run waited for the first instead of exiting at once")
         self.assert_one_error_line(err, str(first.pid), "lock")
         self.assertEqual(len(self.run_ids()), 1)            # the second run made no run folder
         # nor may `recover` revert what a live run has applied
@@ -857,7 +855,7 @@ class SwitchbackFaults(RunTestCase):
         rc, took, out, err = self.interrupt(proc, signal.SIGTERM)
 
         self.assertEqual(rc, 1, out + err)
-        self.assertLess(took, 2.5)
+        self.assertLess(took, 4, "the run measured on instead of acting on SIGTERM (its block lasts 8 s)")
         self.assertNotIn("Traceback", err)
         self.assertEqual(self.server(), "baseline")
         order = self.order()
