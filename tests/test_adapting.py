@@ -11,7 +11,7 @@ the helper's state to answer as fast as the value set makes it.
                   status, context.md, smart.prom and history show it; SIGTERM, SIGKILL and
                   recover, the lock
   AnomalyTests    a baseline 3x the usual is flagged, asks the coach (which sees the trend) and
-                  keeps nothing; the next normal run keeps (one run of them); the rule's figures
+                  keeps nothing; the next normal run keeps (one series of runs); the rule's figures
   SweepTests      the walk in ascending order stops past the best and keeps it; meta.json's
                   sweep checked; SIGTERM and SIGKILL in a sweep
 """

@@ -6,6 +6,9 @@ Each test has its own temporary home and its own smart.DemoTarget (a thread of t
 BASELINE_SECONDS=1.5, EXPERIMENT_SECONDS=1.5, COOLDOWN_SECONDS=0, EARLY_STOP=no,
 COMMAND_TIMEOUT_SECONDS=2, and meta.json "measure": {"rate": 40, "timeout": 2} (60 requests an arm).
 
+The custom decider tests' runs share nothing and go at once (SideBySideCase: each test's home is
+prepared, and its run started, in setUpClass; the test reads what its run left).
+
 The demo modes give verdicts that do not depend on luck: slow_backend (45 ms against 20 ms) is
 always reverted by the built-in rules, response_cache (no wait) always kept.
 
@@ -15,6 +18,7 @@ except under CI=true where it fails.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -190,7 +194,58 @@ def alive(pid):
 
 # ------------------------------------------------------------------ custom decider --
 
-class CustomDeciderTest(HomeCase):
+def run_first(prepare, env=None):
+    """Mark a test of a SideBySideCase: prepare(lab) writes its experiment, its run has `env`."""
+    def mark(test):
+        test.prepare, test.run_env = prepare, env
+        return test
+    return mark
+
+
+class SideBySideCase(unittest.TestCase):
+    """Each test (marked with run_first) has a Lab of its own, prepared in setUpClass; the runs share
+    nothing, so they go at once, each in a thread; a test reads what its run left (ran())."""
+
+    @classmethod
+    def setUpClass(cls):
+        marked = {name: getattr(cls, name) for name in unittest.TestLoader().getTestCaseNames(cls)}
+        cls.labs = {}
+        for name, test in marked.items():
+            lab = cls.labs[name] = Lab()
+            cls.addClassCleanup(lab.close)
+            test.prepare(lab)
+
+        def timed(lab, env):
+            started = time.monotonic()
+            return lab.run(env=env), time.monotonic() - started
+        pool = concurrent.futures.ThreadPoolExecutor(len(marked))
+        cls.addClassCleanup(pool.shutdown)
+        cls.runs = {name: pool.submit(timed, cls.labs[name], test.run_env) for name, test in marked.items()}
+
+    def setUp(self):
+        self.lab = self.labs[self._testMethodName]
+
+    def ran(self):
+        """(the CompletedProcess of this test's run, how many seconds it took)."""
+        return self.runs[self._testMethodName].result()
+
+
+def judged_by(body, variant="response_cache", **extra):
+    """A run_first prepare: the experiment tries `variant`, and ./judge.sh (its "decide") runs `body`."""
+    def prepare(lab):
+        lab.experiment([variant], decide="./judge.sh", **extra)
+        write_script(os.path.join(lab.folder, "judge.sh"), body)
+    return prepare
+
+
+def decide_sh_that_keeps(lab):
+    lab.experiment(["slow_backend"])
+    write_script(os.path.join(lab.folder, "decide.sh"),
+                 'for arg in "$@"; do echo "$arg"; done > decider_args.txt\n'
+                 'echo "figures on stdout first"\necho keep\n')
+
+
+class CustomDeciderTest(SideBySideCase):
     """meta "decide" or decide.sh: called with the two CSV paths; only `keep` or `revert` count."""
 
     def decided_variant(self, name):
@@ -211,15 +266,9 @@ class CustomDeciderTest(HomeCase):
         self.assertEqual(self.lab.mode(), "plain", "the variant was not reverted")
         self.assertFalse(os.path.exists(os.path.join(self.lab.var, "applied.json")))
 
-    def judge(self, body):
-        write_script(os.path.join(self.lab.folder, "judge.sh"), body)
-
+    @run_first(decide_sh_that_keeps)
     def test_decide_sh_keeps_where_the_builtin_verdict_reverts_and_gets_both_csvs(self):
-        self.lab.experiment(["slow_backend"])
-        write_script(os.path.join(self.lab.folder, "decide.sh"),
-                     'for arg in "$@"; do echo "$arg"; done > decider_args.txt\n'
-                     'echo "figures on stdout first"\necho keep\n')
-        self.lab.run()
+        self.ran()
         state, record = self.decided_variant("slow_backend")
         self.assertEqual(record["decision"], "keep", record["reason"])
         self.assertEqual(state["kept_variant"], "slow_backend")
@@ -238,30 +287,26 @@ class CustomDeciderTest(HomeCase):
         for path in args:
             self.assertGreaterEqual(smart.read_measurements(path).ok, 30, path)
 
+    @run_first(judged_by("echo 'maybe later'\n"))
     def test_garbage_reverts_with_a_reason_naming_it(self):
         # The built-in verdict keeps response_cache; the decider's garbage still reverts it.
-        self.lab.experiment(["response_cache"], decide="./judge.sh")
-        self.judge("echo 'maybe later'\n")
-        self.lab.run()
+        self.ran()
         _, record = self.decided_variant("response_cache")
         self.assert_reverted(record, builtin="keep")
         self.assertIn("maybe later", record["reason"])
         self.assertEqual(record["decider"]["command"], "./judge.sh")
 
+    @run_first(judged_by("echo keep\nexit 1\n"))
     def test_a_nonzero_exit_reverts_even_after_keep(self):
-        self.lab.experiment(["response_cache"], decide="./judge.sh")
-        self.judge("echo keep\nexit 1\n")
-        self.lab.run()
+        self.ran()
         _, record = self.decided_variant("response_cache")
         self.assert_reverted(record, builtin="keep")
         self.assertIn("exited 1", record["reason"])
 
+    @run_first(judged_by("echo $$ > judge.pid\nexec sleep 30\n"))
     def test_a_hanging_decider_is_killed_at_its_time_box_and_reverts(self):
-        self.lab.experiment(["response_cache"], decide="./judge.sh")
-        self.judge("echo $$ > judge.pid\nexec sleep 30\n")
-        started = time.monotonic()
-        self.lab.run()
-        self.assertLess(time.monotonic() - started, 20, "the decider was not stopped at COMMAND_TIMEOUT_SECONDS=2")
+        _, took = self.ran()
+        self.assertLess(took, 20, "the decider was not stopped at COMMAND_TIMEOUT_SECONDS=2")
         _, record = self.decided_variant("response_cache")
         self.assert_reverted(record, builtin="keep")
         self.assertIn("time box", record["reason"])
@@ -271,20 +316,19 @@ class CustomDeciderTest(HomeCase):
             os.kill(pid, signal.SIGKILL)
             self.fail(f"the hung decider (pid {pid}) is still running")
 
+    @run_first(judged_by("echo keep\necho 'note: judged by hand' >&2\n", variant="slow_backend"))
     def test_a_decider_logging_on_stderr_after_its_verdict_is_still_heard(self):
         # Like `smart.py decide`: the verdict on stdout, notes on stderr (here after the verdict).
-        self.lab.experiment(["slow_backend"], decide="./judge.sh")
-        self.judge("echo keep\necho 'note: judged by hand' >&2\n")
-        self.lab.run()
+        self.ran()
         _, record = self.decided_variant("slow_backend")
         self.assertEqual(record["decision"], "keep",
                          "a line on stderr was read as the verdict (stdout and stderr are merged): "
                          + record["reason"])
 
+    @run_first(judged_by('head -n 2 "$1" > base_head.txt\nhead -n 2 "$2" > var_head.txt\necho revert\n',
+                         variant="slow_backend", design="switchback", blocks=2), env={"WARMUP_SECONDS": "0.2"})
     def test_switchback_passes_block_labelled_csvs(self):
-        self.lab.experiment(["slow_backend"], decide="./judge.sh", design="switchback", blocks=2)
-        self.judge('head -n 2 "$1" > base_head.txt\nhead -n 2 "$2" > var_head.txt\necho revert\n')
-        self.lab.run(env={"WARMUP_SECONDS": "0.2"})
+        self.ran()
         state, record = self.decided_variant("slow_backend")
         self.assertEqual(state["design"], "switchback")
         self.assertEqual(record["decision"], "revert")

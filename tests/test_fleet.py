@@ -20,6 +20,8 @@ experiment.yml run at -vvv while every process is watched); in smart_environment
 turns `failing` on apply, reverts, and wave 3 never starts; a canary that keeps nothing, one whose
 revert fails, one without smart.py (three 2-host fleets side by side); a host busy with a timer run
 (lock held) waited for; an unreachable host; --syntax-check and ansible-lint; fleet.html in Chromium.
+The stopped rollout, the canary outcomes, the busy host and the unreachable host have fleets of their
+own and run their playbooks at once (SideBySide); the rollout runs alone.
 """
 
 from __future__ import annotations
@@ -109,13 +111,14 @@ def read_text(path: str, default=None):
 
 
 class Fleet:
-    """Four hosts on this machine: prefixes, homes, DemoTargets, an inventory; torn down by the test's cleanups."""
+    """Four hosts on this machine: prefixes, homes, DemoTargets, an inventory; torn down by the cleanups
+    that `cleanup` registers (a class's addClassCleanup, or unittest.addModuleCleanup)."""
 
-    def __init__(self, test_class, failing_host=None, hosts=HOSTS):
+    def __init__(self, cleanup, failing_host=None, hosts=HOSTS):
         self.playbook_bin = need("ansible-playbook")
         self.names = hosts
         self.root = tempfile.mkdtemp(prefix="smart-fleet-")
-        test_class.addClassCleanup(shutil.rmtree, self.root, True)
+        cleanup(shutil.rmtree, self.root, True)
         self.failing_host = failing_host
         self.fleet_dir = os.path.join(self.root, "control", "fleet")
         self.targets, self.hosts = {}, {}
@@ -127,8 +130,8 @@ class Fleet:
             with open(mode, "w", encoding="utf-8") as handle:
                 handle.write("plain\n")
             target = smart.DemoTarget(mode).start()
-            test_class.addClassCleanup(target.server_close)
-            test_class.addClassCleanup(target.shutdown)
+            cleanup(target.server_close)
+            cleanup(target.shutdown)
             self.targets[name] = target
             self.hosts[name] = {
                 "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
@@ -276,7 +279,7 @@ class RolloutTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.fleet = fleet = Fleet(cls)
+        cls.fleet = fleet = Fleet(cls.addClassCleanup)
         inventory = smart.read_json(fleet.inventory)
         inventory["all"]["vars"]["smart_settings"] = {"PHONE_HOME": "never", "PHONE_HOME_TOKEN": TOKEN,
                                                       "EARLY_STOP": False, "KEEP_RUNS": 50}
@@ -399,12 +402,19 @@ class StoppedRolloutTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.fleet = fleet = Fleet(cls, failing_host=cls.FAILING)
+        SideBySide.wait(cls)
+
+    @classmethod
+    def prepare(cls):
+        cls.fleet = fleet = Fleet(unittest.addModuleCleanup, failing_host=cls.FAILING)
         fleet.bare_install()
         for name in HOSTS:
             fleet.write_experiment(name)
-        cls.result = fleet.playbook("experiment.yml")
-        cls.figures = {"stopped rollout": round(cls.result[2], 1)}
+
+        def run():
+            cls.result = fleet.playbook("experiment.yml")
+            cls.figures = {"stopped rollout": round(cls.result[2], 1)}
+        return run
 
     def test_the_playbook_fails_and_says_why(self):
         rc, out, _ = self.result
@@ -470,16 +480,23 @@ class CanaryOutcomeTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.nothing = Fleet(cls, hosts=HOSTS[:2])
-        cls.broken = Fleet(cls, hosts=HOSTS[:2])
+        SideBySide.wait(cls)
+
+    @classmethod
+    def prepare(cls):
+        cls.nothing = Fleet(unittest.addModuleCleanup, hosts=HOSTS[:2])
+        cls.broken = Fleet(unittest.addModuleCleanup, hosts=HOSTS[:2])
         for fleet, revert in ((cls.nothing, "echo plain > ../../target/mode"), (cls.broken, "exit 3")):
             fleet.bare_install()
             for name in fleet.names:
                 fleet.write_experiment(name, word="slow", revert=revert)
-        cls.missing = Fleet(cls, hosts=HOSTS[:2])       # smart.py not installed at all
-        cls.results = at_once({"nothing": (cls.nothing, "experiment.yml"), "broken": (cls.broken, "experiment.yml"),
-                               "missing": (cls.missing, "experiment.yml")})
-        cls.figures = {f"canary {key}": round(result[2], 1) for key, result in cls.results.items()}
+        cls.missing = Fleet(unittest.addModuleCleanup, hosts=HOSTS[:2])       # smart.py not installed at all
+
+        def run():
+            cls.results = at_once({"nothing": (cls.nothing, "experiment.yml"),
+                                   "broken": (cls.broken, "experiment.yml"), "missing": (cls.missing, "experiment.yml")})
+            cls.figures = {f"canary {key}": round(result[2], 1) for key, result in cls.results.items()}
+        return run
 
     def assertUntouched(self, fleet, name):
         self.assertEqual(fleet.mode(name), "plain")
@@ -535,14 +552,18 @@ class BusyHostTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.fleet = fleet = Fleet(cls, hosts=HOSTS[:2])
+        SideBySide.wait(cls)
+
+    @classmethod
+    def prepare(cls):
+        cls.fleet = fleet = Fleet(unittest.addModuleCleanup, hosts=HOSTS[:2])
         fleet.bare_install()
         for name in fleet.names:
             fleet.write_experiment(name)
         var = os.path.join(fleet.home("web2"), "var")
         os.makedirs(var)
         lock = open(os.path.join(var, "lock"), "a+", encoding="utf-8")
-        cls.addClassCleanup(lock.close)
+        unittest.addModuleCleanup(lock.close)
         fcntl.flock(lock, fcntl.LOCK_EX)           # as a run of the timer would
         lock.write("4242\n")
         lock.flush()
@@ -550,9 +571,12 @@ class BusyHostTests(unittest.TestCase):
         def release(line):              # the timer's run ends once the apply has found the lock held
             if "FAILED - RETRYING: [web2]" in line and not lock.closed:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        cls.result = fleet.playbook("experiment.yml", "-e", "smart_lock_delay=1", "-e", "smart_lock_retries=30",
-                                    on_line=release)
-        cls.figures = {"busy host": round(cls.result[2], 1)}
+
+        def run():
+            cls.result = fleet.playbook("experiment.yml", "-e", "smart_lock_delay=1", "-e", "smart_lock_retries=30",
+                                        on_line=release)
+            cls.figures = {"busy host": round(cls.result[2], 1)}
+        return run
 
     def test_the_apply_waits_for_the_lock(self):
         rc, out, _ = self.result
@@ -568,9 +592,13 @@ class UnreachableHostTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
+        SideBySide.wait(cls)
+
+    @classmethod
+    def prepare(cls):
         if not shutil.which("ssh"):
             raise unittest.SkipTest("no ssh client to make a host unreachable with")
-        cls.fleet = fleet = Fleet(cls)
+        cls.fleet = fleet = Fleet(unittest.addModuleCleanup)
         fleet.bare_install()
         for name in HOSTS:
             fleet.write_experiment(name)
@@ -578,10 +606,13 @@ class UnreachableHostTests(unittest.TestCase):
         inventory["all"]["children"]["fleet"]["hosts"]["web3"].update(
             ansible_connection="ssh", ansible_host="127.0.0.1", ansible_port=closed_port())
         smart.write_json(fleet.inventory, inventory)
-        cls.result = fleet.playbook("experiment.yml")
-        cls.fleet_json_written = os.path.exists(os.path.join(fleet.fleet_dir, "fleet.json"))
-        cls.status = fleet.playbook("fleet-status.yml")
-        cls.figures = {"unreachable host": round(cls.result[2], 1)}
+
+        def run():
+            cls.result = fleet.playbook("experiment.yml")
+            cls.fleet_json_written = os.path.exists(os.path.join(fleet.fleet_dir, "fleet.json"))
+            cls.status = fleet.playbook("fleet-status.yml")
+            cls.figures = {"unreachable host": round(cls.result[2], 1)}
+        return run
 
     def test_the_rollout_stops_before_later_waves(self):
         rc, out, _ = self.result
@@ -599,6 +630,31 @@ class UnreachableHostTests(unittest.TestCase):
         self.assertFalse(hosts["web3"]["reachable"])
         self.assertTrue(hosts["web3"]["error"])          # what ssh said
         self.assertEqual([hosts[n]["variant"] for n in HOSTS], [VARIANT, VARIANT, None, None])
+
+
+class SideBySide:
+    """The scenarios that share nothing - BusyHostTests, CanaryOutcomeTests, StoppedRolloutTests and
+    UnreachableHostTests, each with fleets of its own - run their playbooks at once.  The first of
+    those classes to set up has each one prepare (fleets, experiments, inventory: in this thread, the
+    cleanups registered with the module) and starts what each returns, its playbooks, in a thread of
+    its own; every class then waits for its own.  A module cleanup, registered after the fleets' and
+    so run before them, waits for every thread."""
+
+    futures = None
+
+    @classmethod
+    def wait(cls, case):
+        if cls.futures is None:
+            cls.futures = {}
+            pool = concurrent.futures.ThreadPoolExecutor(len(SIDE_BY_SIDE))
+            for scenario in SIDE_BY_SIDE:
+                try:
+                    cls.futures[scenario] = pool.submit(scenario.prepare())
+                except Exception as exc:      # that class alone fails or skips (SkipTest), with this
+                    cls.futures[scenario] = concurrent.futures.Future()
+                    cls.futures[scenario].set_exception(exc)
+            unittest.addModuleCleanup(pool.shutdown)
+        cls.futures[case].result()
 
 
 class ProcessWatch(threading.Thread):
@@ -640,6 +696,9 @@ class ProcessWatch(threading.Thread):
 TOKEN = "tok-9Zq3vKx1-never-shown"
 
 
+SIDE_BY_SIDE = (BusyHostTests, CanaryOutcomeTests, StoppedRolloutTests, UnreachableHostTests)
+
+
 class SecretTests(unittest.TestCase):
     """In smart_environment the coach token is refused before anything runs (RolloutTests checks
     that through smart_settings it goes into smart.conf and nowhere else); the ProcessWatch sees a
@@ -647,7 +706,7 @@ class SecretTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.refused = Fleet(cls, hosts=HOSTS[:2])
+        cls.refused = Fleet(cls.addClassCleanup, hosts=HOSTS[:2])
         cls.refused.bare_install()
         for name in cls.refused.names:
             cls.refused.write_experiment(name)
