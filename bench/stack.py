@@ -250,13 +250,7 @@ class Box:
 
     def __init__(self, stack, tmp, factor):
         self.stack, self.tmp, self.factor = stack, tmp, factor
-        self.reload_log = os.path.join(tmp, "nginx-reloads")
-        wrapper = os.path.join(tmp, "nginx")
-        with open(wrapper, "w") as handle:
-            handle.write(f'#!/bin/sh\n# nginx for smart-nginx under the bench: notes each reload\n'
-                         f'case " $* " in *" reload "*) echo reload >> {self.reload_log} ;; esac\n'
-                         f'exec {stack_module.NGINX} "$@"\n')
-        os.chmod(wrapper, 0o755)
+        wrapper, self.reload_log = stack_module.reload_noting_nginx(tmp)
         self.prefix = os.path.join(tmp, "prefix")
         run(["bash", os.path.join(REPO, "deploy", "install.sh"), "--prefix", self.prefix,
              "--nginx-conf", stack.nginx_conf, "--nginx-bin", wrapper, "--reload", "signal",
@@ -308,7 +302,7 @@ class Box:
     def reloads(self) -> tuple:
         try:
             with open(self.reload_log) as handle:
-                nginx = handle.read().count("reload\n")
+                nginx = handle.read().count("reload ")
         except FileNotFoundError:
             nginx = 0
         with open(self.stack.php_error_log, errors="replace") as handle:

@@ -186,6 +186,17 @@ def cookie_header(cookies: dict) -> str:
     return "; ".join(f"{name}={value}" for name, value in cookies.items())
 
 
+def reload_noting_nginx(folder) -> tuple:
+    """(wrapper, log) in folder: an nginx for smart-nginx's NGINX_BIN that appends `reload EPOCH` to log
+    at each `-s reload` and runs the real one, so that a caller counts reloads exactly."""
+    log = os.path.join(folder, "nginx-reloads")
+    wrapper = os.path.join(folder, "nginx")
+    _write(wrapper, f'#!/bin/sh\n# nginx for smart-nginx under test: notes each reload\n'
+                    f'case " $* " in *" reload "*) echo "reload $(date +%s.%N)" >> {log} ;; esac\n'
+                    f'exec {NGINX} "$@"\n', 0o755)
+    return wrapper, log
+
+
 def free_port() -> int:
     """A port the OS says is free now on 127.0.0.1 (bind port 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

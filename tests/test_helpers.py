@@ -66,13 +66,7 @@ def install(stack, tmp):
     box without systemd; nginx through a wrapper that notes each reload in reload_log); nginx reloaded
     for the probes' snippet.  Returns what a test needs: prefix, home, helpers, reload_log, cache_dir,
     dropin, probes, pool_dropin, ini_dropin, install_output."""
-    reload_log = os.path.join(tmp, "nginx-reloads")
-    wrapper = os.path.join(tmp, "nginx")
-    with open(wrapper, "w") as handle:
-        handle.write(f'#!/bin/sh\n# nginx for smart-nginx under test: notes each reload\n'
-                     f'case " $* " in *" reload "*) echo "reload $(date +%s.%N)" >> {reload_log} ;; esac\n'
-                     f'exec {stack_module.NGINX} "$@"\n')
-    os.chmod(wrapper, 0o755)
+    wrapper, reload_log = stack_module.reload_noting_nginx(tmp)
     prefix = os.path.join(tmp, "prefix")
     cache_dir = os.path.join(stack.nginx_dir, "cache", "smart-micro")
     done = subprocess.run(["bash", os.path.join(DEPLOY, "install.sh"), "--prefix", prefix,
