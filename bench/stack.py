@@ -225,13 +225,18 @@ def start_wrk(url, work):
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def stop_wrk(process, work) -> dict:
-    process.send_signal(signal.SIGINT)
+def stop(process, sig, timeout):
+    """Send sig; SIGKILL what has not ended timeout seconds later."""
+    process.send_signal(sig)
     try:
-        process.wait(20)
+        process.wait(timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def stop_wrk(process, work) -> dict:
+    stop(process, signal.SIGINT, 20)
     with open(os.path.join(work, "wrk.out")) as handle:
         text = handle.read()
     found = {"requests": int(m.group(1)) if (m := re.search(r"(\d+) requests in", text)) else None,
@@ -386,12 +391,7 @@ def screenshot(box, out_png, work):
                 pass
         return url
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(10)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        stop(serve, signal.SIGTERM, 10)
 
 
 # ---------------------------------------------------------------- the report --
